@@ -1,0 +1,3 @@
+from fedsim_runner.cli import main
+
+raise SystemExit(main())
