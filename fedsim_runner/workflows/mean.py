@@ -6,7 +6,6 @@ here from the same split) and the pooled mean, which differs whenever sites hold
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from fedsim_runner.workflows.base import check_params, find_output_file, yaml_by
 APP_SLUG = "mean-app"
 INPUT_FILE = "data.csv"
 OUTPUT_FILE = "output.csv"
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|nan)", re.IGNORECASE)
 
 DEFAULTS: dict[str, Any] = {
     "column": None,  # which feature of a multi-feature dataset the sites average: index or name (default: the first)
@@ -93,10 +91,12 @@ def read_result(output_dir: Path) -> dict[str, Any]:
     path = find_output_file(output_dir, name)
     if path is None:
         raise RunFailed(f"{output_dir}: the app wrote no {name}; see the site's app log")
-    found = NUMBER.findall(path.read_text())
-    if not found:
-        raise RunFailed(f"{path}: no number in the app's output")
-    return {"mean": float(found[0])}
+    for token in path.read_text().replace(",", " ").split():
+        try:
+            return {"mean": float(token)}
+        except ValueError:
+            continue  # a label or header before the value
+    raise RunFailed(f"{path}: no number in the app's output; see the site's app log")
 
 
 def centralized(dataset, params: dict[str, Any]) -> dict[str, Any]:
