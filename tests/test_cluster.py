@@ -1,0 +1,144 @@
+"""The Dask cluster with real processes: a scheduler and one worker per site, started as the sites would start them."""
+
+from __future__ import annotations
+
+import operator
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedsim_runner.cluster import Cluster
+from fedsim_runner.errors import RunFailed
+from fedsim_runner.site_tasks import site_identity
+
+pytestmark = pytest.mark.e2e
+
+# Tasks must be importable on the sites (Dask pickles functions by reference): fedsim_runner's own or the stdlib's.
+NAMES = ["site-a", "site-b", "site-c"]
+
+
+@dataclass
+class ProcessSite:
+    name: str
+    home: Path
+    address: str = "127.0.0.1"
+    gateway: str = "127.0.0.1"
+
+
+class ProcessSites:
+    """Process isolation without the provider: each site its own HOME (holding its dotfile) and environment."""
+
+    def __init__(self, root: Path, names: list[str]) -> None:
+        self.handles = []
+        for name in names:
+            home = root / name
+            (home / ".fedsim").mkdir(parents=True)
+            dotfile = home / ".fedsim" / "site.env"
+            dotfile.write_text(
+                f"FEDSIM_SITE={name}\nFC_USERNAME={name}@example.org\nFC_PASSWORD=secret-{name}\n"
+                "FC_BASE_URL=http://127.0.0.1:9\nFC_CONTROLLER_URL=http://127.0.0.1:9\n"
+            )
+            dotfile.chmod(0o600)
+            self.handles.append(ProcessSite(name, home))
+        self.by_name = {h.name: h for h in self.handles}
+
+    def popen(self, site: str, argv, env, cwd=None) -> subprocess.Popen:
+        home = self.by_name[site].home
+        with open(home / "worker.log", "ab") as out:
+            return subprocess.Popen(
+                list(argv), env={**env, "PATH": os.environ["PATH"], "HOME": str(home)}, cwd=cwd or home,
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> ProcessSites:
+    return ProcessSites(tmp_path / "sites", NAMES)
+
+
+def _all_gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_pinned_tasks_run_on_their_site_and_values_move_through_the_orchestrator(sites, tmp_path):
+    steps = []
+    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask", on_step=lambda *a: steps.append(a)) as cluster:
+        assert cluster.connected_sites() == set(NAMES)
+        seen = cluster.run_on_all(site_identity, {n: () for n in NAMES})
+        for name in NAMES:
+            assert seen[name]["site"] == name
+            assert seen[name]["home"] == str(sites.by_name[name].home)
+        assert len({s["pid"] for s in seen.values()}) == 3
+        # a value computed on one site reaches another only as a plain argument
+        first = cluster.run_on("site-a", operator.add, 2, 3)
+        assert cluster.run_on("site-b", operator.add, first, 10) == 15
+        assert cluster.run_on("site-c", int, "7", base=8) == 7  # keyword arguments reach the task
+        pids = cluster.pids()
+        children = [c.pid for p in pids for c in psutil.Process(p).children(recursive=True)]
+    assert {(s, step) for s, step, _ in steps} >= {(n, "site_identity") for n in NAMES} | {("site-b", "add")}
+    assert all(seconds >= 0 for *_, seconds in steps)
+    assert len(pids) == 4
+    assert _all_gone(pids + children)
+    assert (tmp_path / "dask" / "dask-scheduler.log").stat().st_size > 0
+
+
+def test_killed_worker_fails_the_task_naming_the_site_within_the_timeout(sites, tmp_path):
+    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+        victim = cluster.run_on("site-b", site_identity)["pid"]
+
+        def kill_once_running() -> None:
+            while not any(cluster.client.processing().values()):
+                time.sleep(0.01)  # test side only: waits until the task runs on the site
+            os.kill(victim, 9)
+
+        killer = threading.Thread(target=kill_once_running, daemon=True)
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(RunFailed, match="site-b") as err:
+            cluster.run_on("site-b", time.sleep, 120, timeout=30)
+        elapsed = time.monotonic() - t0
+        assert elapsed < 30, elapsed
+        assert "sleep" in str(err.value)
+        # the other sites keep working
+        assert cluster.run_on("site-a", operator.add, 1, 1) == 2
+        # a new task for the dead site fails at once, also naming it
+        with pytest.raises(RunFailed, match="site-b"):
+            cluster.run_on_all(operator.add, {"site-a": (1, 2), "site-b": (3, 4)}, timeout=30)
+        pids = cluster.pids()
+    assert _all_gone(pids)
+
+
+def test_a_site_without_its_dotfile_is_named_and_nothing_is_left_running(sites, tmp_path):
+    (sites.by_name["site-c"].home / ".fedsim" / "site.env").unlink()
+    cluster = Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask", connect_timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed, match="site site-c: its dask worker exited"):
+        cluster.start()
+    assert time.monotonic() - t0 < 30
+    assert "run distribute.yml" in (sites.by_name["site-c"].home / "worker.log").read_text()
+    assert cluster.pids() == []
+
+
+def test_failure_inside_the_block_stops_every_process(sites, tmp_path):
+    pids: list[int] = []
+    with pytest.raises(RunFailed, match="site site-a: add failed: TypeError"):
+        with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+            pids = cluster.pids()
+            cluster.run_on("site-a", operator.add, 1, "x")
+    assert len(pids) == 4 and _all_gone(pids)
+
+
+def test_a_task_that_outlives_its_timeout_names_the_site(sites, tmp_path):
+    with Cluster(None, sites.handles[:1], sites, log_dir=tmp_path / "dask") as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(RunFailed, match=r"site\(s\) site-a: sleep did not finish within 1 s"):
+            cluster.run_on("site-a", time.sleep, 60, timeout=1)
+        assert time.monotonic() - t0 < 5
+        pids = cluster.pids()
+    assert _all_gone(pids)
