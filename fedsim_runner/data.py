@@ -201,7 +201,7 @@ def _load_site_files(cfg) -> Dataset:
     if all(p.labels is not None for p in parts):
         labels = np.concatenate([p.labels for p in parts])
     return Dataset(
-        "files:" + ",".join(p.name for p in parts),
+        "files:" + ",".join(Path(p.name).name for p in parts),
         np.vstack([p.X for p in parts]),
         ids,
         parts[0].feature_names,
