@@ -209,7 +209,7 @@ def angle_plot(comparison: dict) -> str | None:
     ax.set_ylabel("angle to centralized (rad)")
     ax.set_xticks(range(1, len(values) + 1))
     ax.set_title("Left singular vectors: federated vs centralized")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _png(fig)
 
 
