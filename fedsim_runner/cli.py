@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedsim_runner.errors import ConfigError, RunFailed
 from fedsim_runner.workflows import WORKFLOWS
@@ -32,13 +33,19 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from fedsim_runner.config import load_config, load_credentials
+    from fedsim_runner import workflows
+    from fedsim_runner.config import credentials_path, load_config, load_credentials
 
     cfg = load_config(args.file)
-    if args.credentials or cfg.resolve(cfg.project.credentials).is_file():
-        load_credentials(cfg, args.credentials)
+    workflows.load(cfg.project.workflow).params(cfg)
+    creds = args.credentials or credentials_path(cfg)
+    if args.credentials or creds.exists() or cfg.project.platform != "local":
+        load_credentials(cfg, creds)
+        note = f"credentials for every site in {creds}"
+    else:  # localfc accounts are FedSim's own: the first run creates the file
+        note = f"{creds} will be created with random passwords at the first run"
     console.print(f"[green]ok[/green] {args.file}: workflow {cfg.project.workflow}, {len(cfg.sites)} sites, "
-                  f"coordinator {cfg.coordinator.name}")
+                  f"coordinator {cfg.coordinator.name}; {escape(note)}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -151,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except RunFailed as e:
-        console.print(f"[red]run failed:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]run failed:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: everything started was stopped")
