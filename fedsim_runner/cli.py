@@ -54,7 +54,12 @@ def _inventory(args: argparse.Namespace) -> int:
     from fedsim_runner.inventory import write_inventory
 
     cfg = load_config(args.config)
-    out = write_inventory(cfg, output=args.output, vagrant_ssh_config=args.vagrant_ssh_config)
+    handles = None
+    if cfg.provider.kind == "local":  # local sites exist only while up: ask their provider
+        from fedsim_runner.sites import get_provider
+
+        handles = get_provider(cfg).handles()
+    out = write_inventory(cfg, output=args.output, vagrant_ssh_config=args.vagrant_ssh_config, handles=handles)
     console.print(f"inventory written to {out}")
     return 0
 
