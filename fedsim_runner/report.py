@@ -146,7 +146,7 @@ def phase_rows(metrics: dict) -> list[list[str]]:
         if isinstance(rss, int | float) and rss > 1e5:  # bytes
             rss = rss / 2**20
         rows.append([name, _fmt(duration), _fmt(extra.get("cpu", extra.get("cpu_seconds"))), _fmt(rss),
-                     "failed" if extra.get("error") or extra.get("ok") is False else "ok"])
+                     str(extra.get("status", "failed" if extra.get("error") else "ok"))])
     return rows
 
 

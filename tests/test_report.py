@@ -22,7 +22,8 @@ METRICS = {  # what runlog.py records: orchestrator phases (epoch seconds) and p
         {"name": "distribute", "start": 1000.4, "wall": 1.1, "cpu": 0.5, "peak_rss": 90 * 2**20},
         {"name": "services", "start": 1001.5, "wall": 1.6, "cpu": 0.3, "peak_rss": 95 * 2**20},
         {"name": "run", "start": 1003.1, "wall": 4.2, "cpu": 0.2, "peak_rss": 96 * 2**20},
-        {"name": "compare", "start": 1007.3, "wall": 0.3, "cpu": 0.3, "peak_rss": 120 * 2**20},
+        {"name": "compare", "start": 1007.3, "wall": 0.3, "cpu": 0.3, "peak_rss": 120 * 2**20, "status": "failed",
+         "error": "RunFailed: site site1: no result"},
     ],
     "sites": {
         "site0": {"steps": [{"name": "join", "start": 1003.2, "end": 1003.5},
@@ -62,6 +63,7 @@ def test_svd_report_renders_with_three_plots(svd_comparison):
     assert "http://" not in html.replace("http://www.w3.org", "")  # self-contained: nothing to fetch
     text = md.read_text()
     assert "largest component angle" in text and "| site0 |" in text and "| distribute | 1.1 |" in text
+    assert "| compare | 0.3 | 0.3 | 120 | failed |" in text
     for site in cfg.sites:  # FeatureCloud accounts are not part of the report
         assert site.fc_user not in html and site.fc_user not in text
 
