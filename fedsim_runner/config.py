@@ -269,8 +269,8 @@ def _field_loc(field: str, sites: list) -> tuple:
     parts: list[Any] = field.split(".")
     if parts[0] == "sites" and len(parts) > 1:
         names = [s["name"] if isinstance(s, dict) else getattr(s, "name", None) for s in sites]
-        if parts[1] in names:
-            parts[1] = names.index(parts[1])
+        if parts[1] in names:  # the last one: for a duplicate name that is the offending entry
+            parts[1] = len(names) - 1 - names[::-1].index(parts[1])
     return tuple(parts)
 
 
@@ -355,6 +355,8 @@ def parse_config(text: str, path: Path) -> Config:
             loc = _field_loc(field, data.get("sites") if isinstance(data.get("sites"), list) else [])
             raise ConfigError(f"{_where(path, text, loc, field)}: {msg}") from None
         field = _format_loc(loc, data)
+        if err["type"] == "union_tag_invalid":  # point at the `kind = …` line
+            loc = (*loc, "kind")
         if err["type"] == "missing":
             msg = "is required"
         elif err["type"] == "extra_forbidden":

@@ -94,6 +94,7 @@ _SITE_VARIANTS = """\
 # ssh provider, per site:     host = "10.0.0.11"  user = "debian"  port = 22  ssh_key = "~/.ssh/id_ed25519"
 #                             address = "10.0.0.11"   # the address the other machines use (default: host)
 # vagrant provider, per site: address = "192.168.56.11"  # the VM's private-network address
+# split = "files", per site:  data = ["site1.csv"]      # the site's own files (relative to this file)
 
 """
 
