@@ -320,7 +320,14 @@ def _fix(err: dict, loc: tuple, data: dict) -> str:
         return f"add {last} = …"
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(last, _allowed_keys(loc, data), n=1)
-        return f"did you mean {close[0]!r}?" if close else "remove it or check its spelling"
+        if close:
+            return f"did you mean {close[0]!r}?"
+        if loc[0] == "provider" and len(loc) > 1 and loc[1] in _PROVIDER_TAGS:
+            owners = [k for k, m in (("local", LocalProvider), ("vagrant", VagrantProvider), ("ssh", SshProvider))
+                      if last in m.model_fields]
+            if owners:
+                return f'it belongs to kind = "{owners[0]}", not "{loc[1]}"; remove it'
+        return "remove it or check its spelling"
     if kind == "string_pattern_mismatch":
         if "sites" in loc:
             return "use 1-15 lowercase letters, digits and '-', starting with a letter (e.g. site1)"
