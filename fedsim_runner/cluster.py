@@ -287,7 +287,6 @@ class Cluster:
         timeout = self.task_timeout if timeout is None else timeout
         tag = uuid.uuid4().hex[:8]
         submitted = time.monotonic()
-        ended: dict[str, float] = {}
         futures: dict[str, Future] = {}
         for site, (args, kwargs) in jobs.items():
             for a in (*args, *kwargs.values()):
@@ -297,15 +296,13 @@ class Cluster:
             fut = self.client.submit(
                 call, *args, key=f"{step}-{site}-{tag}", workers=[site], allow_other_workers=False, pure=False
             )
-            fut.add_done_callback(lambda _f, s=site: ended.setdefault(s, time.monotonic()))
+            fut.add_done_callback(functools.partial(self._record_if_ok, site, step, submitted))
             futures[site] = fut
         try:
             self._wait_all(futures, step, timeout, submitted)
             results = self.client.gather(futures)
         finally:
             self.client.cancel([f for f in futures.values() if not f.done()])
-        for site in futures:
-            self._record(site, step, ended.get(site, time.monotonic()) - submitted)
         return results
 
     def _wait_all(self, futures: dict[str, Future], step: str, timeout: float, submitted: float) -> None:
@@ -336,12 +333,16 @@ class Cluster:
                         "see the site's worker log"
                     )
 
-    def _record(self, site: str, step: str, seconds: float) -> None:
+    def _record_if_ok(self, site: str, step: str, submitted: float, fut: Future) -> None:
+        """Done callback (in the client's thread, the moment the site finished): its time from submission to result."""
+        if fut.status != "finished":
+            return
+        seconds = time.monotonic() - submitted
         if self.run_log is not None:
             self.run_log.record_site_step(site, step, seconds)
         if self.on_step is not None:
             self.on_step(site, step, seconds)
-        log.info("site %s: %s took %.3f s", site, step, seconds)
+        log.debug("site %s: %s took %.3f s", site, step, seconds)
 
     # ---- helpers ---------------------------------------------------------------------------------------------------
     def _log_file(self, name: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from fedsim_runner.cluster import Cluster
 from fedsim_runner.errors import RunFailed
+from fedsim_runner.runlog import RunDir
 from fedsim_runner.site_tasks import site_identity
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +70,8 @@ def _all_gone(pids: list[int]) -> bool:
 
 def test_pinned_tasks_run_on_their_site_and_values_move_through_the_orchestrator(sites, tmp_path):
     steps = []
-    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask", on_step=lambda *a: steps.append(a)) as cluster:
+    run = RunDir.create(tmp_path / "runs", "test")
+    with run, Cluster(run, sites.handles, sites, log_dir=tmp_path / "dask", on_step=lambda *a: steps.append(a)) as cluster:
         assert cluster.connected_sites() == set(NAMES)
         seen = cluster.run_on_all(site_identity, {n: () for n in NAMES})
         for name in NAMES:
@@ -83,6 +86,8 @@ def test_pinned_tasks_run_on_their_site_and_values_move_through_the_orchestrator
         children = [c.pid for p in pids for c in psutil.Process(p).children(recursive=True)]
     assert {(s, step) for s, step, _ in steps} >= {(n, "site_identity") for n in NAMES} | {("site-b", "add")}
     assert all(seconds >= 0 for *_, seconds in steps)
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["sites"]["site-c"]["steps"]] == ["site_identity", "int"]
     assert len(pids) == 4
     assert _all_gone(pids + children)
     assert (tmp_path / "dask" / "dask-scheduler.log").stat().st_size > 0
