@@ -287,8 +287,12 @@ def _format_loc(loc: tuple, data: dict) -> str:
             continue
         if isinstance(item, int) and i > 0 and loc[i - 1] == "sites":
             try:
-                parts.append(str(data["sites"][item]["name"]))
+                name = data["sites"][item]["name"]
             except (KeyError, IndexError, TypeError):
+                name = None
+            if isinstance(name, str) and name:
+                parts.append(name)
+            else:
                 parts[-1] = f"{parts[-1]}[{item}]"
             continue
         if isinstance(item, int):
@@ -334,6 +338,8 @@ def _fix(err: dict, loc: tuple, data: dict) -> str:
         return "use letters, digits, '.', '_' and '-' (e.g. my-study)"
     if kind in ("literal_error", "union_tag_invalid"):
         return "use one of the allowed values"
+    if kind == "list_type" and loc == ("sites",):
+        return "write each site as a [[sites]] table (double brackets)"
     if kind == "too_short" and loc == ("sites",):
         return "add at least one [[sites]] table with name and fc_user"
     return "fix the value"
