@@ -135,6 +135,7 @@ class RunDir:
         # every handler that may print a record of this run gets the redactor (console handlers included)
         self._filtered: list[logging.Handler] = []
         root = logging.getLogger()
+        self._levels = {name: logging.getLogger(name).level for name in OWN_LOGGERS}  # restored on close
         for name in OWN_LOGGERS:
             logger = logging.getLogger(name)
             logger.setLevel(logging.DEBUG)
@@ -268,6 +269,8 @@ class RunDir:
         self._handler.close()
         for h in self._filtered:
             h.removeFilter(self.redactor)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
 
     def __enter__(self) -> RunDir:
         return self

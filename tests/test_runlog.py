@@ -82,12 +82,15 @@ def test_phases_record_wall_cpu_memory_and_survive_failures(tmp_path):
 
 def test_interrupt_is_recorded_and_handlers_are_closed(tmp_path):
     before = list(logging.getLogger().handlers)
+    levels = [logging.getLogger(n).level for n in ("fedsim", "fedsim_runner")]
     with pytest.raises(KeyboardInterrupt), RunDir.create(tmp_path, "svd") as run:
         with run.phase("wait"):
             raise KeyboardInterrupt
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["phases"][0]["status"] == "interrupted"
     assert logging.getLogger().handlers == before
+    assert [logging.getLogger(n).level for n in ("fedsim", "fedsim_runner")] == levels
+    assert not any(run.redactor in h.filters for h in logging.getLogger().handlers)
 
 
 def test_no_secret_reaches_log_metrics_files_or_inventory(tmp_path):
