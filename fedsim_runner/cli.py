@@ -60,7 +60,7 @@ def _inventory(args: argparse.Namespace) -> int:
 
         handles = get_provider(cfg).handles()
     out = write_inventory(cfg, output=args.output, vagrant_ssh_config=args.vagrant_ssh_config, handles=handles)
-    console.print(f"inventory written to {out}")
+    console.print(f"inventory written to {escape(str(out))}", highlight=False, soft_wrap=True)
     return 0
 
 
