@@ -78,8 +78,8 @@ def site_table(dataset, rows: np.ndarray) -> bytes:
     out = io.StringIO()
     out.write(DELIMITER.join(["feature", *(dataset.sample_ids[i] for i in rows)]) + "\n")
     block = dataset.X[rows].T
-    for name, values in zip(dataset.feature_names, block, strict=True):
-        out.write(name + DELIMITER + DELIMITER.join(repr(float(v)) for v in values) + "\n")
+    for name, values in zip(dataset.feature_names, block.tolist(), strict=True):  # repr: exact round trip
+        out.write(name + DELIMITER + DELIMITER.join(map(repr, values)) + "\n")
     return out.getvalue().encode()
 
 
