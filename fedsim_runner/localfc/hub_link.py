@@ -52,7 +52,7 @@ class HubLink:
                     return r
             except httpx.TransportError as e:
                 if attempt == RETRIES - 1:
-                    raise RunFailed(f"hub {self.base_url} unreachable ({type(e).__name__}) during {method} {path}")
+                    raise RunFailed(f"hub {self.base_url} unreachable ({type(e).__name__}) during {method} {path}") from None
             threading.Event().wait(next(pauses))
         raise RunFailed(f"hub {self.base_url}: {method} {path} failed with {r.status_code}: {r.text[:200]}")
 
