@@ -1,0 +1,1 @@
+"""FeatureCloud drivers: the website REST API (`api`), the participant's local controller API (`controller_client`)."""
