@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import operator
 import os
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -18,6 +16,7 @@ from fedsim_runner.cluster import Cluster
 from fedsim_runner.errors import RunFailed
 from fedsim_runner.runlog import RunDir
 from fedsim_runner.site_tasks import site_identity
+from tests.process_sites import ProcessSites
 
 pytestmark = pytest.mark.e2e
 
@@ -25,43 +24,11 @@ pytestmark = pytest.mark.e2e
 NAMES = ["site-a", "site-b", "site-c"]
 
 
-@dataclass
-class ProcessSite:
-    name: str
-    home: Path
-    address: str = "127.0.0.1"
-    gateway: str = "127.0.0.1"
-
-
-class ProcessSites:
-    """Process isolation without the provider: each site its own HOME (holding its dotfile) and environment."""
-
-    def __init__(self, root: Path, names: list[str]) -> None:
-        self.handles = []
-        for name in names:
-            home = root / name
-            (home / ".fedsim").mkdir(parents=True)
-            dotfile = home / ".fedsim" / "site.env"
-            dotfile.write_text(
-                f"FEDSIM_SITE={name}\nFC_USERNAME={name}@example.org\nFC_PASSWORD=secret-{name}\n"
-                "FC_BASE_URL=http://127.0.0.1:9\nFC_CONTROLLER_URL=http://127.0.0.1:9\n"
-            )
-            dotfile.chmod(0o600)
-            self.handles.append(ProcessSite(name, home))
-        self.by_name = {h.name: h for h in self.handles}
-
-    def popen(self, site: str, argv, env, cwd=None) -> subprocess.Popen:
-        home = self.by_name[site].home
-        with open(home / "worker.log", "ab") as out:
-            return subprocess.Popen(
-                list(argv), env={**env, "PATH": os.environ["PATH"], "HOME": str(home)}, cwd=cwd or home,
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-
-
 @pytest.fixture
 def sites(tmp_path: Path) -> ProcessSites:
-    return ProcessSites(tmp_path / "sites", NAMES)
+    return ProcessSites(tmp_path / "sites", {
+        name: {"FC_USERNAME": f"{name}@example.org", "FC_PASSWORD": f"secret-{name}",
+               "FC_BASE_URL": "http://127.0.0.1:9", "FC_CONTROLLER_URL": "http://127.0.0.1:9"} for name in NAMES})
 
 
 def _all_gone(pids: list[int]) -> bool:
@@ -71,7 +38,8 @@ def _all_gone(pids: list[int]) -> bool:
 def test_pinned_tasks_run_on_their_site_and_values_move_through_the_orchestrator(sites, tmp_path):
     steps = []
     run = RunDir.create(tmp_path / "runs", "test")
-    with run, Cluster(run, sites.handles, sites, log_dir=tmp_path / "dask", on_step=lambda *a: steps.append(a)) as cluster:
+    cluster = Cluster(run, sites.handles, sites, log_dir=tmp_path / "dask", on_step=lambda *a: steps.append(a))
+    with run, cluster:
         assert cluster.connected_sites() == set(NAMES)
         seen = cluster.run_on_all(site_identity, {n: () for n in NAMES})
         for name in NAMES:
