@@ -1,0 +1,271 @@
+"""The localfc hub as a real process, driven by the `api` driver: the whole website flow of FEATURECLOUD.md §2, restart
+persistence, the controllers' run bookkeeping and the relay (docs/internals.md "localfc hub ↔ controller")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedsim_runner.backoff import wait_until
+from fedsim_runner.featurecloud.api import FeatureCloudClient, FeatureCloudError
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+class HubProcess:
+    """`python -m fedsim_runner hub` on a free loopback port with its own SQLite file; restartable."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = db.with_suffix(".log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> HubProcess:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "fedsim_runner", "hub", "--port", str(self.port),
+                                         "--db", str(self.db)], cwd=REPO, env=env, stdout=self.log.open("ab"),
+                                        stderr=subprocess.STDOUT)
+        assert wait_until(self._up, 60), f"hub did not come up:\n{self.log.read_text()[-3000:]}"
+        return self
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"hub exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return httpx.get(self.url + "/api/apps/", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def client(self, username: str | None = None, password: str | None = None) -> FeatureCloudClient:
+        client = FeatureCloudClient(self.url)
+        if username:
+            client.login(username, password)
+        return client
+
+
+@pytest.fixture
+def hub(tmp_path):
+    h = HubProcess(tmp_path / "hub.sqlite3").start()
+    yield h
+    h.stop()
+
+
+def sign_up(hub: HubProcess, name: str, site: bool = True) -> FeatureCloudClient:
+    email, password = f"{name}@example.org", f"pw-{name}-secret"
+    hub.client().signup(email, password, first_name=name, last_name="Tester")
+    client = hub.client(email, password)
+    if site:
+        client.create_site(f"site-{name}", organization="FedSim tests", city="Hamburg", country="DE")
+    return client
+
+
+def project_with_members(hub: HubProcess, names=("coord", "p1", "p2"), slug="federated-svd"):
+    """Coordinator with the app in its library, a ready project with that workflow, every other user joined."""
+    clients = [sign_up(hub, n) for n in names]
+    coord = clients[0]
+    app_id = coord.app_by_slug(slug)["id"]
+    coord.purchase_app(app_id)
+    pid = coord.create_project("study", "hub test")["id"]
+    coord.set_workflow(pid, [app_id])
+    for participant in clients[1:]:
+        participant.join_project(coord.create_token(pid)["token"])
+    return pid, clients
+
+
+def start_run(pid: int, clients: list[FeatureCloudClient]) -> int:
+    clients[0].set_project_status(pid, "prepare")
+    for c in clients:
+        c.finalize(pid)
+    info = clients[0].run_info(pid)
+    assert info["status"] == "running" and clients[0].project(pid)["status"] == "running"
+    return info["runNr"]
+
+
+def test_whole_api_flow_survives_a_restart(hub):
+    apps = hub.client().apps()
+    slugs = {a["slug"] for a in apps}
+    assert {"federated-svd", "mean-app"} <= slugs
+    coord, p1, p2 = (sign_up(hub, n) for n in ("coord", "p1", "p2"))
+    assert coord.user_info()["email"] == "coord@example.org"
+    svd = coord.app_by_slug("federated-svd")
+    assert coord.library() == []
+    coord.purchase_app(svd["id"])
+    assert [a["slug"] for a in coord.library()] == ["federated-svd"]
+
+    created = coord.create_project("svd study", "three sites")
+    pid = created["id"]
+    assert created["status"] == "init" and created["role"] == "coordinator"
+    ready = coord.set_workflow(pid, [svd["id"]])
+    assert ready["status"] == "ready" and ready["workflow"][0]["federatedApp"]["id"] == svd["id"]
+    tokens = [coord.create_token(pid) for _ in range(2)]
+    assert len({t["token"] for t in tokens}) == 2 and all(t["project"] == pid for t in tokens)
+    assert p1.join_project(tokens[0]["token"])["id"] == pid
+    assert p2.join_project(tokens[1]["token"])["id"] == pid
+    assert p1.project(pid)["role"] == "participant"
+
+    with pytest.raises(FeatureCloudError) as refused:
+        p1.set_project_status(pid, "prepare")
+    assert refused.value.status == 403 and "coordinator" in refused.value.message
+    assert coord.set_project_status(pid, "prepare")["status"] == "prepare"
+    client_ids = {m["clientId"] for m in coord.run_info(pid)["members"]}
+    assert len(client_ids) == 3 and all(len(c) == 16 and int(c, 16) >= 0 for c in client_ids)
+
+    hub.stop()
+    hub.start()
+
+    # the old access token still works: the signing secret lives in the database
+    project = coord.project(pid)
+    assert project["status"] == "prepare" and project["members"] == 3 and project["role"] == "coordinator"
+    again = hub.client("p2@example.org", "pw-p2-secret")
+    assert again.project(pid)["role"] == "participant"
+    assert [p["id"] for p in again.projects()] == [pid]
+    assert again.site()["name"] == "site-p2"
+    assert [a["slug"] for a in coord.library()] == ["federated-svd"]
+    assert {m["clientId"] for m in coord.run_info(pid)["members"]} == client_ids
+    assert [t["used"] for t in httpx.get(f"{hub.url}/api/project-tokens/{pid}/", headers={
+        "Authorization": f"Bearer {coord._access}"}).json()] == [True, True]
+    assert hub.client().apps() == apps
+
+
+def test_runs_move_through_the_state_machine(hub):
+    pid, (coord, p1, p2) = project_with_members(hub)
+    coord.set_project_status(pid, "prepare")
+    coord.finalize(pid)
+    p1.finalize(pid)
+    assert sorted(m["finalized"] for m in coord.run_info(pid)["members"]) == [False, True, True]
+    assert coord.project(pid)["status"] == "prepare"
+    p2.finalize(pid)
+    info = p1.run_info(pid)
+    assert (info["runNr"], info["status"]) == (1, "running")
+    assert info["clientId"] != info["coordinatorId"] and info["clients"][0] == info["coordinatorId"]
+    assert info["workflow"] == [{"order": 0, "appId": coord.app_by_slug("federated-svd")["id"],
+                                 "slug": "federated-svd"}]
+
+    assert p1.report_run(pid, 1, "finished", 1)["status"] == "running"  # only the coordinator's finish ends it
+    assert coord.report_run(pid, 1, "finished", 1)["status"] == "finished"
+    with pytest.raises(FeatureCloudError) as busy:
+        coord.set_project_status(pid, "prepare")
+    assert busy.value.status == 409
+
+    assert coord.set_project_status(pid, "ready")["status"] == "ready"  # reset a finished project
+    assert start_run(pid, [coord, p1, p2]) == 2
+    assert p2.report_run(pid, 2, "error", 1, "Traceback: boom")["status"] == "error"
+    assert coord.set_project_status(pid, "ready")["status"] == "ready"
+    assert start_run(pid, [coord, p1, p2]) == 3
+    assert coord.set_project_status(pid, "shutdown")["status"] == "stopped"
+    assert coord.run_info(pid)["status"] == "stopped"
+    with pytest.raises(FeatureCloudError) as closed:
+        p1.finalize(pid)
+    assert closed.value.status == 409 and "prepare" in closed.value.message
+
+
+def test_relay_unicast_broadcast_coordinator_and_order(hub):
+    pid, clients = project_with_members(hub)
+    run = start_run(pid, clients)
+    info = [c.run_info(pid) for c in clients]
+    ids = [i["clientId"] for i in info]
+    coord, p1, p2 = clients
+
+    p1.relay_send(pid, run, ids[1], ids[2], b"to p2", memo="r1")
+    got = p2.relay_receive(pid, run, ids[2], wait=5)
+    assert (got.body, got.sender, got.memo) == (b"to p2", ids[1], "r1")
+    assert p2.relay_receive(pid, run, ids[2], wait=0) is None  # delivered once
+
+    coord.relay_send(pid, run, ids[0], "all", b"\x00broadcast\xff")
+    for c, cid in zip(clients[1:], ids[1:], strict=True):
+        message = c.relay_receive(pid, run, cid, wait=5)
+        assert message.body == b"\x00broadcast\xff" and message.memo is None and message.sender == ids[0]
+    assert coord.relay_receive(pid, run, ids[0]) is None  # not echoed to the sender
+
+    for k in range(3):
+        p2.relay_send(pid, run, ids[2], "coordinator", f"m{k}".encode(), memo=f"round {k}")
+    received = [coord.relay_receive(pid, run, ids[0], wait=5) for _ in range(3)]
+    assert [m.body for m in received] == [b"m0", b"m1", b"m2"]
+    assert [m.seq for m in received] == sorted(m.seq for m in received)
+
+    with pytest.raises(FeatureCloudError) as foreign:
+        p1.relay_receive(pid, run, ids[2])
+    assert foreign.value.status == 403
+    with pytest.raises(FeatureCloudError) as spoofed:
+        p1.relay_send(pid, run, ids[2], ids[0], b"as someone else")
+    assert spoofed.value.status == 403
+
+
+def test_relay_long_poll_waits_and_wakes(hub):
+    pid, clients = project_with_members(hub, names=("coord", "p1"))
+    run = start_run(pid, clients)
+    coord_id = clients[0].run_info(pid)["clientId"]
+    p1_id = clients[1].run_info(pid)["clientId"]
+
+    started = time.monotonic()
+    assert clients[0].relay_receive(pid, run, coord_id, wait=0.5) is None
+    assert time.monotonic() - started >= 0.45  # a long poll, not an immediate 204
+
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(clients[0].relay_receive(pid, run, coord_id, wait=20)))
+    started = time.monotonic()
+    waiter.start()
+    clients[1].relay_send(pid, run, p1_id, "coordinator", b"late data")
+    waiter.join(timeout=15)
+    assert not waiter.is_alive() and got[0].body == b"late data"
+    assert time.monotonic() - started < 10  # woken by the send, not by the end of the 20 s poll
+
+
+def test_smpc_sums_every_clients_payload_once(hub):
+    pid, clients = project_with_members(hub)
+    run = start_run(pid, clients)
+    ids = [c.run_info(pid)["clientId"] for c in clients]
+    payloads = [[[1, 2], 3.5], [[10, 20], 0.5], [[100, 200], -4]]
+    for c, cid, value in zip(clients[1:], ids[1:], payloads[1:], strict=True):
+        c.relay_send(pid, run, cid, "coordinator", json.dumps(value).encode(), memo="sum1", smpc=True)
+    assert clients[0].relay_receive(pid, run, ids[0], wait=0.2) is None  # the coordinator's share is missing
+    clients[0].relay_send(pid, run, ids[0], "coordinator", json.dumps(payloads[0]).encode(), memo="sum1", smpc=True)
+    total = clients[0].relay_receive(pid, run, ids[0], wait=5)
+    assert json.loads(total.body) == [[111, 222], 0.0] and total.sender == ids[0] and total.memo == "sum1"
+    assert clients[0].relay_receive(pid, run, ids[0], wait=0) is None
+    for c, cid in zip(clients[1:], ids[1:], strict=True):
+        assert c.relay_receive(pid, run, cid, wait=0) is None  # only the coordinator gets the aggregate
+    with pytest.raises(FeatureCloudError) as bad:
+        clients[1].relay_send(pid, run, ids[1], "coordinator", b"not json", memo="sum2", smpc=True)
+    assert bad.value.status == 400
+
+
+def test_hub_listens_on_every_given_address(tmp_path):
+    port = free_port()
+    log = tmp_path / "hub.log"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    process = subprocess.Popen([sys.executable, "-m", "fedsim_runner", "hub", "--host", "127.0.0.1", "--host",
+                                "127.0.0.2", "--port", str(port), "--db", str(tmp_path / "h.db")], cwd=REPO, env=env,
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        def up(host: str) -> bool:
+            try:
+                return httpx.get(f"http://{host}:{port}/api/apps/", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert process.poll() is None, log.read_text()
+                return False
+        assert wait_until(lambda: up("127.0.0.1"), 60) and up("127.0.0.2")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
