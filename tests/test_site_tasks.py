@@ -1,0 +1,115 @@
+"""Site tasks on real site workers against a real localfc hub process (and the sites' own controllers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedsim_runner import site_tasks
+from fedsim_runner.backoff import wait_until
+from fedsim_runner.cluster import Cluster
+from fedsim_runner.errors import RunFailed
+from fedsim_runner.featurecloud.api import FeatureCloudClient
+from tests.conftest import free_port
+from tests.process_sites import ProcessSites
+
+pytestmark = pytest.mark.e2e
+
+NAMES = ["site-a", "site-b", "site-c"]  # site-a coordinates
+
+
+@pytest.fixture
+def hub_url(tmp_path: Path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "hub.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedsim_runner", "hub", "--host", "127.0.0.1", "--port", str(port),
+             "--db", str(tmp_path / "hub.sqlite3")], stdout=out, stderr=subprocess.STDOUT,
+        )
+
+    def up() -> bool:
+        assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+        try:
+            return httpx.get(f"{url}/api/apps/", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_until(up, 60), "hub did not start"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def accounts(hub_url: str) -> dict[str, tuple[str, str]]:
+    """One FeatureCloud account per site on the hub: {site: (e-mail, password)} (the operator's credentials file)."""
+    found = {}
+    with FeatureCloudClient(hub_url) as client:
+        for name in NAMES:
+            email, password = f"{name}@fedsim.test", secrets.token_urlsafe(16)
+            client.signup(email, password, name, "site")
+            found[name] = (email, password)
+    return found
+
+
+def _sites(root: Path, hub_url: str, accounts: dict, controllers: dict[str, str] | None = None) -> ProcessSites:
+    return ProcessSites(root, {
+        name: {"FC_USERNAME": email, "FC_PASSWORD": password, "FC_BASE_URL": hub_url,
+               "FC_CONTROLLER_URL": (controllers or {}).get(name, "http://127.0.0.1:9")}
+        for name, (email, password) in accounts.items()
+    })
+
+
+def _holds_no_password(accounts: dict, *documents: object, folder: Path | None = None) -> None:
+    texts = [json.dumps(d, default=repr) for d in documents] + list(os.environ.values())
+    if folder is not None:
+        texts += [p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file()]
+    for _, password in accounts.values():
+        assert not any(password in t for t in texts)
+
+
+def test_project_setup_runs_on_each_participants_own_site(hub_url, accounts, tmp_path):
+    sites = _sites(tmp_path / "sites", hub_url, accounts)
+    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+        logins = cluster.run_on_all(site_tasks.login, {n: () for n in NAMES})
+        assert {n: r["user"] for n, r in logins.items()} == {n: accounts[n][0] for n in NAMES}
+
+        pid = cluster.run_on("site-a", site_tasks.create_project, "fedsim-test", "mean-app")
+        app_id = cluster.run_on("site-a", site_tasks.ensure_app, "mean-app")  # already in the library: no error
+        assert isinstance(pid, int) and isinstance(app_id, int)
+        tokens = cluster.run_on("site-a", site_tasks.create_tokens, pid, 2)
+        assert len(set(tokens)) == 2
+        joined = cluster.run_on_all(site_tasks.join, {"site-b": (tokens[0],), "site-c": (tokens[1],)})
+        assert joined == {"site-b": pid, "site-c": pid}
+
+        with pytest.raises(RunFailed, match=r"site site-b: set_status failed: .*403"):
+            cluster.run_on("site-b", site_tasks.set_status, pid, "prepare")
+        assert cluster.run_on("site-a", site_tasks.set_status, pid, "prepare") == "prepare"
+        statuses = cluster.run_on_all(site_tasks.project_status, {n: (pid,) for n in NAMES})
+        assert set(statuses.values()) == {"prepare"}
+
+        # nobody uploads: the coordinator's wait ends at its timeout, naming the site, and shuts the project down
+        with pytest.raises(RunFailed, match=rf"site site-a: project {pid} still 'prepare' after 1 s; FedSim shut"):
+            cluster.run_on("site-a", site_tasks.wait_for_final_status, pid, 1)
+        assert cluster.run_on("site-c", site_tasks.project_status, pid) == "stopped"
+
+        _holds_no_password(accounts, logins, pid, tokens, joined, statuses, folder=tmp_path / "dask")
+
+
+def test_a_wrong_password_fails_login_naming_the_site_without_the_password(hub_url, accounts, tmp_path):
+    wrong = dict(accounts, **{"site-b": (accounts["site-b"][0], "not-" + accounts["site-b"][1])})
+    sites = _sites(tmp_path / "sites", hub_url, wrong)
+    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+        with pytest.raises(RunFailed, match=r"site site-b: login failed: .*401") as err:
+            cluster.run_on_all(site_tasks.login, {n: () for n in NAMES})
+    assert wrong["site-b"][1] not in str(err.value)
