@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -113,3 +115,45 @@ def test_a_wrong_password_fails_login_naming_the_site_without_the_password(hub_u
         with pytest.raises(RunFailed, match=r"site site-b: login failed: .*401") as err:
             cluster.run_on_all(site_tasks.login, {n: () for n in NAMES})
     assert wrong["site-b"][1] not in str(err.value)
+
+
+MEAN_EXAMPLE = {"site-a": "1,2,3,4,5", "site-b": "7,9,11", "site-c": "2,2,2,4,6,6,6"}  # FEATURECLOUD.md §5: 5.3333
+
+
+def test_a_whole_mean_run_through_site_tasks_and_the_sites_own_controllers(hub_url, accounts, tmp_path):
+    pytest.importorskip("fedsim_runner.localfc.runtime", reason="the localfc app runtime has not landed")
+    ports = {name: free_port() for name in NAMES}
+    sites = _sites(tmp_path / "sites", hub_url, accounts, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
+    for name, line in MEAN_EXAMPLE.items():
+        folder = sites.by_name[name].home / "input"
+        folder.mkdir()
+        (folder / "data.csv").write_text(line + "\n")
+        (folder / "config.yml").write_text("fc_mean:\n  input_name: data.csv\n  output_name: output.csv\n")
+    controllers = [
+        sites.popen(name, [sys.executable, "-m", "fedsim_runner.site_env", "--", sys.executable, "-m", "fedsim_runner",
+                           "controller", "--site", name, "--hub", hub_url, "--host", "127.0.0.1", "--port",
+                           str(ports[name]), "--data-dir", str(sites.by_name[name].home / "controller"),
+                           "--timing", "fast"], {})
+        for name in NAMES
+    ]
+    try:
+        with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+            pid = cluster.run_on("site-a", site_tasks.create_project, "fedsim-mean", "mean-app")
+            tokens = cluster.run_on("site-a", site_tasks.create_tokens, pid, 2)
+            cluster.run_on_all(site_tasks.join, {"site-b": (tokens[0],), "site-c": (tokens[1],)})
+            cluster.run_on("site-a", site_tasks.set_status, pid, "prepare")
+            uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: ("input",) for n in NAMES})
+            assert uploaded["site-b"]["files"] == ["config.yml", "data.csv"]
+            assert cluster.run_on("site-a", site_tasks.wait_for_final_status, pid, 120) == "finished"
+            results = cluster.run_on_all(site_tasks.download_results, {n: (pid,) for n in NAMES})
+    finally:
+        for proc in controllers:
+            proc.terminate()
+            proc.wait(timeout=10)
+    for name in NAMES:
+        zips = [f for f in results[name] if f.endswith(".zip")]
+        assert zips == [f"results_pr{pid}_run1_step0.zip"], results[name].keys()
+        with zipfile.ZipFile(io.BytesIO(results[name][zips[0]])) as z:
+            text = z.read(next(n for n in z.namelist() if n.endswith("output.csv"))).decode()
+        assert abs(float(text.strip().split(",")[-1]) - 16 / 3) < 1e-9, text
+    _holds_no_password(accounts, {n: sorted(r) for n, r in results.items()}, folder=tmp_path / "dask")
