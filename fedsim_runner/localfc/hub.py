@@ -19,6 +19,7 @@ import jwt
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -433,6 +434,13 @@ def create_app(db_path: Path) -> FastAPI:
     app = FastAPI(title="localfc hub", description="offline featurecloud.ai: REST API (FEATURECLOUD.md §2), "
                   "controller relay and web GUI", version="1")
     app.state.hub = hub
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> Response:
+        """422 naming each bad field, without echoing the input (it may be a password or not even encodable)."""
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
 
     def user_json(u: dict) -> dict:
         return {"id": u["id"], "email": u["email"], "username": u["email"], "firstName": u["first_name"],
