@@ -18,7 +18,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from fedsim_runner.errors import ConfigError, RunFailed
-from fedsim_runner.localfc.hub_link import HubLink
+from fedsim_runner.localfc.hub_link import HubLink, HubRefused
 from fedsim_runner.localfc.project_runner import ProjectRun, run_dir
 from fedsim_runner.localfc.testbed import Testbed, TestbedError
 from fedsim_runner.localfc.timing import Timing
@@ -186,6 +186,11 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.get("/logs/")
     def logs(start: int = Query(0, alias="from")) -> list[dict]:
         return ctl.log.since(start)
+
+    @app.exception_handler(HubRefused)
+    def hub_refused(_: Request, exc: HubRefused) -> JSONResponse:
+        status = exc.status if exc.status and 400 <= exc.status < 500 else 502
+        return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(TestbedError)
     def testbed_error(_: Request, exc: TestbedError) -> JSONResponse:

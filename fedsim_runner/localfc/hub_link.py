@@ -1,110 +1,87 @@
-"""The controller's side of the hub: the site's login, its site record, its projects, runs and the relay.
+"""The controller's session with the hub: the api driver as this site's user, for as long as the controller runs.
 
-Only the calls a controller makes (docs/internals.md "localfc hub ↔ controller"); the password stays in this object and
-never reaches a log or an exception message.
+A controller outlives any JWT, so it logs in again when the hub refuses its session; every failure becomes a RunFailed
+whose message never contains the password.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
-import httpx
-
-from fedsim_runner.backoff import delays
 from fedsim_runner.errors import RunFailed
+from fedsim_runner.featurecloud.api import FeatureCloudClient, FeatureCloudError, RelayMessage
 
-RETRIES = 6
+T = TypeVar("T")
+
+
+class HubRefused(RunFailed):
+    """The hub answered with an error; `status` is its HTTP status (None: the hub was not reached)."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class HubLink:
     def __init__(self, base_url: str, username: str, password: str) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.client = FeatureCloudClient(base_url)
+        self.base_url = self.client.base_url
         self.username = username
         self._password = password
-        self._access: str | None = None
-        self._lock = threading.Lock()
-        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(60.0, connect=10.0),
-                                  headers={"User-Agent": "fedsim-localfc-controller"})
+        self._login_lock = threading.Lock()
 
     def _login(self) -> None:
-        r = self._http.post("/api/auth/login/", json={"username": self.username, "password": self._password})
-        if r.status_code != 200:
-            raise RunFailed(f"hub {self.base_url}: login of {self.username} refused ({r.status_code}); "
-                            "check FC_USERNAME/FC_PASSWORD in the site's dotfile")
-        self._access = r.json()["access"]
-
-    def request(self, method: str, path: str, **kw) -> httpx.Response:
-        """One hub call as this site's user: logs in on first use and again on 401; retries connection errors."""
-        pauses = delays(0.05, cap=2.0)
-        for attempt in range(RETRIES):
+        with self._login_lock:
             try:
-                with self._lock:
-                    if self._access is None:
-                        self._login()
-                    token = self._access
-                r = self._http.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
-                if r.status_code == 401 and attempt == 0:
-                    with self._lock:
-                        if self._access == token:
-                            self._access = None
-                    continue
-                if r.status_code < 500:
-                    return r
-            except httpx.TransportError as e:
-                if attempt == RETRIES - 1:
-                    raise RunFailed(f"hub {self.base_url} unreachable ({type(e).__name__}) during {method} {path}") from None
-            threading.Event().wait(next(pauses))
-        raise RunFailed(f"hub {self.base_url}: {method} {path} failed with {r.status_code}: {r.text[:200]}")
+                self.client.login(self.username, self._password)
+            except FeatureCloudError as e:
+                hint = "; check FC_USERNAME/FC_PASSWORD in the site's dotfile" if e.status in (400, 401) else ""
+                raise HubRefused(f"hub {self.base_url}: login of {self.username} failed ({e.message}){hint}",
+                                 e.status) from None
 
-    def _json(self, method: str, path: str, **kw):
-        r = self.request(method, path, **kw)
-        if r.status_code >= 400:
-            raise RunFailed(f"hub {self.base_url}: {method} {path} answered {r.status_code}: {r.text[:200]}")
-        return r.json() if r.content else None
+    def call(self, what: Callable[[FeatureCloudClient], T]) -> T:
+        """One hub call as this site's user (logging in first, and again when the session expired)."""
+        if self.client.username is None:
+            self._login()
+        try:
+            return what(self.client)
+        except FeatureCloudError as e:
+            if e.status != 401:
+                raise HubRefused(f"hub {self.base_url}: {e}", e.status) from None
+        self._login()
+        try:
+            return what(self.client)
+        except FeatureCloudError as e:
+            raise HubRefused(f"hub {self.base_url}: {e}", e.status) from None
 
     def register_site(self, name: str) -> dict:
         """The user's site record (created when missing): what <data-dir>/site_info.json holds."""
-        r = self.request("GET", "/api/site/")
-        if r.status_code == 200 and r.json():
-            return r.json()
-        return self._json("POST", "/api/site/", json={
-            "name": name, "organization": "FedSim", "address": "localfc", "zip": "00000", "city": "localhost",
-            "country": "Nowhere", "firstName": name, "lastName": "site", "phone": "0"})
+        return self.call(lambda c: c.site() or c.create_site(
+            name, organization="FedSim", address="localfc", city="localhost", first_name=name, last_name="site"))
 
     def heartbeat_and_projects(self) -> list[dict]:
-        """Tell the hub this controller is online and return the user's projects."""
-        self.request("POST", "/api/localfc/heartbeat/")
-        return self._json("GET", "/api/projects/")
+        """Tell the hub this controller is online; the user's projects."""
+        self.call(lambda c: c.heartbeat())
+        return self.call(lambda c: c.projects())
 
     def project_status(self, pid: int) -> str:
-        r = self.request("GET", f"/api/projects/{pid}/")
-        if r.status_code in (403, 404):
-            raise RunFailed(f"project {pid} is unknown to the hub or this site is not a member")
-        return r.json()["status"]
+        return self.call(lambda c: c.project(pid))["status"]
 
     def finalize(self, pid: int) -> dict:
-        return self._json("POST", f"/api/localfc/projects/{pid}/finalize/")
+        return self.call(lambda c: c.finalize(pid))
 
     def run_info(self, pid: int) -> dict:
-        return self._json("GET", f"/api/localfc/projects/{pid}/run/")
+        return self.call(lambda c: c.run_info(pid))
 
     def report(self, pid: int, run_nr: int, status: str, step: int, message: str = "") -> None:
-        self._json("PUT", f"/api/localfc/projects/{pid}/runs/{run_nr}/",
-                   json={"status": status, "step": step, "message": message[-2000:]})
+        self.call(lambda c: c.report_run(pid, run_nr, status, step, message[-2000:]))
 
     def relay_send(self, pid: int, run_nr: int, sender: str, destination: str, memo: str | None, smpc: bool,
                    payload: bytes) -> None:
-        params = {"sender": sender, "destination": destination, "smpc": int(smpc)}
-        if memo is not None:
-            params["memo"] = memo
-        self._json("POST", f"/api/localfc/relay/{pid}/{run_nr}/", params=params, content=payload)
+        self.call(lambda c: c.relay_send(pid, run_nr, sender, destination, payload, memo=memo, smpc=smpc))
 
-    def relay_receive(self, pid: int, run_nr: int, client: str, wait: float) -> tuple[bytes, str, str | None] | None:
-        """The next message for `client` (body, sender, memo), or None when nothing arrived within `wait` s."""
-        r = self.request("GET", f"/api/localfc/relay/{pid}/{run_nr}/", params={"client": client, "wait": wait},
-                         timeout=wait + 30)
-        if r.status_code == 204:
-            return None
-        if r.status_code != 200:
-            raise RunFailed(f"hub relay receive for project {pid} run {run_nr} answered {r.status_code}: {r.text[:200]}")
-        return r.content, r.headers["X-FC-Sender"], r.headers.get("X-FC-Memo")
+    def relay_receive(self, pid: int, run_nr: int, client: str, wait: float) -> RelayMessage | None:
+        """The next message for `client`, or None when nothing arrived within `wait` s."""
+        return self.call(lambda c: c.relay_receive(pid, run_nr, client, wait))

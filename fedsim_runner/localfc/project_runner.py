@@ -81,10 +81,10 @@ class HubRelay:
                     self._error = f"relay receive failed: {e}"
                 return
             if got is not None:
-                body, sender, memo = got
-                self.received_bytes += len(body)
-                self.messages.append({"received": time.time(), "from": sender, "memo": memo, "bytes": len(body)})
-                self.inbox.put(Message(body, sender, memo))
+                self.received_bytes += len(got.body)
+                self.messages.append({"received": time.time(), "from": got.sender, "memo": got.memo,
+                                      "bytes": len(got.body)})
+                self.inbox.put(Message(got.body, got.sender, got.memo))
 
     def close(self) -> None:
         self._stop.set()
