@@ -176,8 +176,10 @@ class Cluster:
             }
         )
         out = self._log_file("dask-scheduler.log")
+        # own session: a Ctrl-C at the terminal reaches only the orchestrator, which then stops workers before it
         self.scheduler = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            start_new_session=True,
         )
         log.info("dask: scheduler pid %d listening on %s", self.scheduler.pid, ", ".join(interfaces))
 

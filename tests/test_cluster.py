@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import operator
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ from fedsim_runner.cluster import Cluster
 from fedsim_runner.errors import RunFailed
 from fedsim_runner.runlog import RunDir
 from fedsim_runner.site_tasks import site_identity
+from tests.conftest import REPO
 from tests.process_sites import ProcessSites
 
 pytestmark = pytest.mark.e2e
@@ -115,3 +119,29 @@ def test_a_task_that_outlives_its_timeout_names_the_site(sites, tmp_path):
         assert time.monotonic() - t0 < 5
         pids = cluster.pids()
     assert _all_gone(pids)
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+from pathlib import Path
+from fedsim_runner.cluster import Cluster
+from tests.conftest import REPO
+from tests.process_sites import ProcessSites
+sites = ProcessSites(Path(sys.argv[1]), {n: {"FC_USERNAME": n, "FC_PASSWORD": "x", "FC_BASE_URL": "http://127.0.0.1:9",
+                                            "FC_CONTROLLER_URL": "http://127.0.0.1:9"} for n in ("site-a", "site-b")})
+with Cluster(None, sites.handles, sites, log_dir=Path(sys.argv[1]) / "dask") as cluster:
+    print(" ".join(map(str, cluster.pids())), flush=True)
+    cluster.run_on("site-a", time.sleep, 120)
+"""
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3, proc.stderr.read()
+    children = [c.pid for p in pids for c in psutil.Process(p).children(recursive=True)]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err
+    assert _all_gone(pids + children)
