@@ -17,9 +17,11 @@ import pytest
 
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.featurecloud.api import FeatureCloudClient, FeatureCloudError
-from tests.conftest import REPO, free_port
+from tests.conftest import CHROMIUM, REPO, free_port, needs_chromium
 
 pytestmark = pytest.mark.e2e
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 
 class HubProcess:
@@ -269,3 +271,69 @@ def test_hub_listens_on_every_given_address(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_gui_login_token_join_and_start(hub):
+    from playwright.sync_api import expect, sync_playwright
+
+    coord, member = sign_up(hub, "coord"), sign_up(hub, "member")
+    app_id = coord.app_by_slug("mean-app")["id"]
+    coord.purchase_app(app_id)
+    pid = coord.create_project("gui study", "through the web GUI")["id"]
+    coord.set_workflow(pid, [app_id])
+    coord.heartbeat()  # what the coordinator's controller does
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            def logged_in(email: str, password: str):
+                page = browser.new_context().new_page()
+                page.goto(f"{hub.url}/account?p=login")
+                page.fill("#loginEmail", email)
+                page.fill("#loginPassword", password)
+                page.get_by_role("button", name="Log in").click()
+                expect(page).to_have_url(f"{hub.url}/projects")
+                return page
+
+            wrong = browser.new_context().new_page()
+            wrong.goto(f"{hub.url}/account?p=login")
+            wrong.fill("#loginEmail", "coord@example.org")
+            wrong.fill("#loginPassword", "not the password")
+            wrong.get_by_role("button", name="Log in").click()
+            expect(wrong.locator("#error")).to_contain_text("Wrong e-mail or password")
+
+            page = logged_in("coord@example.org", "pw-coord-secret")
+            page.get_by_role("link", name="gui study").click()
+            expect(page.locator("#status")).to_have_text("ready")
+            page.get_by_role("button", name="Create token").click()
+            token = page.locator("code.token").first.inner_text()
+            assert token
+
+            other = logged_in("member@example.org", "pw-member-secret")
+            other.fill("#joinToken", token)
+            other.get_by_role("button", name="Join").click()
+            expect(other).to_have_url(f"{hub.url}/project/{pid}")
+            expect(other.locator("#role")).to_have_text("participant")
+            expect(other.get_by_role("button", name="Start")).to_have_count(0)
+
+            page.reload()
+            expect(page.locator("#tokens")).to_contain_text("used by member@example.org")
+            page.get_by_role("button", name="Start").click()
+            expect(page.locator("#status")).to_have_text("prepare")
+            assert member.project(pid)["status"] == "prepare"
+            expect(page.locator("#upload")).to_be_visible()
+            expect(page.get_by_role("button", name="Upload")).to_be_visible()
+            expect(page.get_by_role("button", name="Yes")).to_be_hidden()
+            page.get_by_role("button", name="Continue workflow").click()
+            expect(page.get_by_role("button", name="Yes")).to_be_visible()
+
+            page.goto(f"{hub.url}/controller")
+            for text in ("Online", "Docker is available", "Site is registered"):
+                expect(page.get_by_text(text)).to_have_count(1)
+            other.goto(f"{hub.url}/controller")  # its controller never sent a heartbeat
+            expect(other.get_by_text("Online", exact=True)).to_have_count(0)
+            expect(other.get_by_text("Site is registered")).to_have_count(1)
+        finally:
+            browser.close()
