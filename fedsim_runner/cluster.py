@@ -130,11 +130,10 @@ class Cluster:
             except Exception as e:  # the scheduler may already be gone; stopping must go on
                 log.debug("dask client close: %s", e)
             self.client = None
-        for name, proc in list(self.workers.items()):
-            _stop_tree(proc, f"dask worker of site {name}")
+        _stop_trees({f"dask worker of site {name}": proc for name, proc in self.workers.items()})
         self.workers.clear()
         if self.scheduler is not None:
-            _stop_tree(self.scheduler, "dask scheduler")
+            _stop_trees({"dask scheduler": self.scheduler})
             self.scheduler = None
         for f in self._logs:
             f.close()
@@ -396,13 +395,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _stop_tree(proc: subprocess.Popen, what: str) -> None:
-    """SIGTERM a started process and its descendants (a provider may wrap the worker in nsenter/su), then SIGKILL."""
-    try:
-        root = psutil.Process(proc.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+def _stop_trees(procs: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM started processes and their descendants (a provider may wrap a worker in nsenter/su) all at once,
+    wait, then SIGKILL what is left."""
+    tree: list[psutil.Process] = []
+    for proc in procs.values():
+        try:
+            root = psutil.Process(proc.pid)
+            tree += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     for p in tree:
         try:
             p.send_signal(signal.SIGTERM)
@@ -410,16 +412,17 @@ def _stop_tree(proc: subprocess.Popen, what: str) -> None:
             pass
     _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE)
     for p in alive:
-        log.warning("%s: pid %d ignored SIGTERM, killing it", what, p.pid)
+        log.warning("pid %d ignored SIGTERM, killing it", p.pid)
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=STOP_GRACE)
-    try:
-        proc.wait(timeout=STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        log.error("%s: pid %d did not exit", what, proc.pid)
+    for what, proc in procs.items():
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            log.error("%s: pid %d did not exit", what, proc.pid)
 
 
 def _tail(path: Path, lines: int = 3) -> str:
