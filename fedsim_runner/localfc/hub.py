@@ -593,7 +593,6 @@ def create_app(db_path: Path) -> FastAPI:
 
     # --- localfc: controllers (docs/internals.md "localfc hub ↔ controller") -------------------------------------
     @app.post("/api/localfc/site/heartbeat/")
-    @app.post("/api/localfc/heartbeat/", include_in_schema=False)  # the path the controller's hub_link uses
     async def heartbeat(user: User) -> dict:
         with db.tx() as c:
             if c.execute("UPDATE sites SET last_seen = ? WHERE user_id = ?", (now(), user["id"])).rowcount == 0:
