@@ -118,7 +118,7 @@ def _output_names(output_dir: Path) -> dict[str, str]:
 
 def _table(path: Path) -> tuple[list[str], np.ndarray]:
     """A TSV with a header row and an index column: (row names, values)."""
-    frame = pd.read_csv(path, sep=DELIMITER, index_col=0)
+    frame = pd.read_csv(path, sep=DELIMITER, index_col=0, dtype=str)  # ids like "007" stay as written
     return [str(i) for i in frame.index], frame.to_numpy(dtype=float)
 
 
