@@ -4,6 +4,7 @@ Per step: start the app through the runtime with the step's input (the site's up
 output after that), drive it with the app protocol (protocol.drive: setup, status/data in pairs, routing), zip its
 output to results_pr<pid>_run<n>_step<k>.zip, keep its log as logs_pr<pid>_run<n>_step<k>.txt, and report the outcome
 to the hub. A run ends in `error` when the app fails, its process dies, or the controller is told to stop it.
+`drive` speaks the app protocol (FEATURECLOUD.md §4) over any relay; the testbed uses it with an in-process relay.
 """
 
 from __future__ import annotations
@@ -16,16 +17,93 @@ import time
 import traceback
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
-from fedsim_runner.localfc.protocol import AppFailed, Message, drive
-from fedsim_runner.localfc.runtime import start_instance
+import httpx
 
+from fedsim_runner.backoff import delays
 from fedsim_runner.errors import RunFailed
 from fedsim_runner.localfc import app_folder
 from fedsim_runner.localfc.hub_link import HubLink
+from fedsim_runner.localfc.runtime import start_instance
 from fedsim_runner.localfc.timing import Timing
+
+
+class AppFailed(Exception):
+    """The app instance failed, died, or was stopped: the message says which."""
+
+
+@dataclass
+class Message:
+    body: bytes
+    sender: str
+    memo: str | None
+
+
+class Relay(Protocol):
+    """Where an instance's outgoing data goes and its incoming data comes from (hub relay or in-process)."""
+
+    def send(self, sender: str, destination: str, memo: str | None, smpc: bool, payload: bytes) -> None: ...
+
+    def receive(self, timeout: float) -> Message | None: ...
+
+
+def parse_status(body: bytes) -> dict:
+    """A GET /status body: JSON, or (queue non-empty) a JSON string holding JSON, whatever the content type says."""
+    value = json.loads(body)
+    while isinstance(value, str):
+        value = json.loads(value)
+    return value
+
+
+def route(status: dict, client_id: str, coordinator_id: str) -> str:
+    """The relay destination of an outgoing payload: 'coordinator', 'all' or a client id (FEATURECLOUD.md §4)."""
+    if status.get("smpc"):
+        return "coordinator"  # every client's share is summed by the relay and delivered once to the coordinator
+    destination = status.get("destination")
+    if destination is None:
+        return "all" if client_id == coordinator_id else "coordinator"
+    return str(destination)
+
+
+def drive(instance, *, client_id: str, coordinator_id: str, clients: list[str], relay: Relay,
+          query_interval: float, first_poll: float, cancelled: Callable[[], str | None]) -> None:
+    """Run one app instance to its end: /setup, then GET /status and GET /data strictly in pairs, incoming data by
+    POST /data. Returns when the instance reports `finished`; AppFailed on error, death or cancellation.
+
+    Idle waits are waits for incoming data (relay.receive), growing from `first_poll` to `query_interval`.
+    """
+    coordinator = client_id == coordinator_id
+    with httpx.Client(base_url=instance.url, timeout=httpx.Timeout(120.0, connect=10.0)) as app:
+        app.post("/setup", json={"id": client_id, "coordinator": coordinator, "master": coordinator,
+                                 "clients": clients, "coordinatorID": coordinator_id}).raise_for_status()
+        pauses = delays(min(first_poll, query_interval), cap=query_interval)
+        while True:
+            if reason := cancelled():
+                raise AppFailed(f"stopped: {reason}")
+            if not instance.alive():
+                raise AppFailed("the app process exited before the app finished; see the app log")
+            status = parse_status(app.get("/status").content)
+            if status.get("state") == "error":
+                raise AppFailed(f"the app failed ({status.get('message')}); the traceback is in the app log")
+            if status.get("available"):
+                payload = app.get("/data").content  # the GET /data that belongs to the GET /status above
+                relay.send(client_id, route(status, client_id, coordinator_id), status.get("memo"),
+                           bool(status.get("smpc")), payload)
+                pauses = delays(min(first_poll, query_interval), cap=query_interval)
+                continue
+            if status.get("finished"):
+                return
+            message = relay.receive(timeout=next(pauses))
+            if message is not None:
+                params = {"client": message.sender}
+                if message.memo is not None:
+                    params["memo"] = message.memo
+                app.post("/data", params=params, content=message.body).raise_for_status()
+                pauses = delays(min(first_poll, query_interval), cap=query_interval)
 
 
 def run_dir(data_dir: Path, pid: int, run_nr: int) -> Path:
@@ -155,7 +233,8 @@ class ProjectRun(threading.Thread):
         instance = start_instance(app_folder(slug), step_input, output, log_file, self.timing.engine_waits)
         try:
             drive(instance, client_id=run["clientId"], coordinator_id=run["coordinatorId"], clients=run["clients"],
-                  relay=relay, query_interval=self.timing.query_interval, cancelled=self._cancelled)
+                  relay=relay, query_interval=self.timing.query_interval, first_poll=self.timing.first_poll,
+                  cancelled=self._cancelled)
         finally:
             instance.stop()
             zip_folder(output, self._file("results", step, "zip"))

@@ -16,13 +16,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fedsim_runner.localfc.local_relay import LocalRelay
-from fedsim_runner.localfc.protocol import AppFailed, drive
-from fedsim_runner.localfc.runtime import start_instance
-
 from fedsim_runner.errors import ConfigError, RunFailed
 from fedsim_runner.localfc import app_folder
-from fedsim_runner.localfc.project_runner import zip_folder
+from fedsim_runner.localfc.local_relay import LocalRelay
+from fedsim_runner.localfc.project_runner import AppFailed, drive, zip_folder
+from fedsim_runner.localfc.runtime import start_instance
 from fedsim_runner.localfc.timing import Timing
 
 
@@ -61,8 +59,9 @@ class TestRun:
         self.client_dirs = [self._data_path(d, "directories") for d in dirs]
         generic = str(body.get("genericDirectory") or "")
         self.generic = self._data_path(generic, "genericDirectory") if generic else None
-        self.query_interval = min(float(body.get("queryInterval") or timing.query_interval), timing.query_interval) \
-            if timing.name == "fast" else float(body.get("queryInterval") or timing.query_interval)
+        asked = float(body.get("queryInterval") or timing.query_interval)
+        # the test's own query interval, as FeatureCloud does; `fast` timing shortens it
+        self.query_interval = min(asked, timing.query_interval) if timing.name == "fast" else asked
         self.download = str(body.get("downloadResults") or "")
         self.folder = data_dir / "tests" / f"test_{test_id}"
         self.status = "running"
@@ -103,7 +102,7 @@ class TestRun:
             try:
                 drive(instance, client_id=self.client_ids[i], coordinator_id=self.client_ids[0],
                       clients=self.client_ids, relay=self.relay.endpoint(self.client_ids[i]),
-                      query_interval=self.query_interval,
+                      query_interval=self.query_interval, first_poll=min(self.timing.first_poll, self.query_interval),
                       cancelled=lambda: "the test was stopped" if self._stop.is_set() else None)
             finally:
                 instance.stop()
