@@ -152,3 +152,11 @@ def proc_start_time(pid: int) -> int | None:
 def alive(pid: int | None, start_time: int | None) -> bool:
     """True while the process recorded as (pid, start time) still runs (a reused PID does not count)."""
     return pid is not None and start_time is not None and proc_start_time(pid) == start_time
+
+
+def log_label(argv: Sequence[str]) -> str:
+    """A log file name for a command: the module after `-m`, else the program's name."""
+    args = list(argv)
+    if "-m" in args[:-1]:
+        return args[args.index("-m") + 1]
+    return Path(args[0]).name if args else "process"

@@ -25,6 +25,7 @@ import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from pathlib import Path
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.config import Config
 from fedsim_runner.errors import ConfigError, RunFailed
-from fedsim_runner.sites.base import Provider, SiteHandle, alive, proc_start_time, state_root
+from fedsim_runner.sites.base import Provider, SiteHandle, alive, log_label, proc_start_time, state_root
 
 SITE_INIT = Path(__file__).with_name("site_init.py")
 OVERLAID = ("etc", "home", "root", "opt", "var", "usr")
@@ -64,9 +65,6 @@ PrintMotd no
 MaxStartups 100:30:200
 Subsystem sftp internal-sftp
 """
-
-# Popen objects of site inits started by this process, so that any provider instance can reap them.
-_STARTED: dict[int, subprocess.Popen] = {}
 
 
 def link_prefix(project: str) -> str:
@@ -145,6 +143,7 @@ class NamespaceProvider(Provider):
     # ---- up --------------------------------------------------------------------------------------------------------
     def up(self) -> list[SiteHandle]:
         self._preflight()
+        self._check_subnet()  # before anything is written
         with self.locked():
             state = self.read_state()
             sites: dict[str, dict] = state.get("sites", {})
@@ -154,7 +153,6 @@ class NamespaceProvider(Provider):
                 if name not in wanted or not self._is_up(h):
                     self._remove_site(h)
                     del sites[name]
-            self._check_subnet()
             self._ensure_unreachable_route()
             self._ensure_key()
             used = {d["extra"]["slot"] for d in sites.values()}
@@ -290,7 +288,8 @@ class NamespaceProvider(Provider):
                  PYTHON, "-I", "-S", str(SITE_INIT), h.name, str(sdir), str(state_root()), h.address],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True, env={},
             )  # fmt: skip
-        _STARTED[proc.pid] = proc
+        # the site outlives this call (and maybe this process): a daemon thread reaps it whenever it ends
+        threading.Thread(target=proc.wait, name=f"reap-site-{h.name}", daemon=True).start()
         h.extra.update(unshare_pid=proc.pid, unshare_start=proc_start_time(proc.pid))
         ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
         line = proc.stdout.readline().decode().strip() if ready else ""
@@ -322,7 +321,7 @@ class NamespaceProvider(Provider):
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         if "stdout" in popen_kwargs:
             return SitePopen(cmd, env={}, **popen_kwargs)
-        with open(h.logs / f"{_label(argv)}.log", "ab") as out:
+        with open(h.logs / f"{log_label(argv)}.log", "ab") as out:
             return SitePopen(cmd, env={}, stdout=out, stderr=subprocess.STDOUT, **popen_kwargs)
 
     # ---- down ------------------------------------------------------------------------------------------------------
@@ -372,9 +371,6 @@ class NamespaceProvider(Provider):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in targets:
-            if pid in _STARTED:
-                _STARTED.pop(pid).wait()
         if not wait_until(lambda: all(proc_start_time(p) is None for p in targets), timeout=10):
             raise RunFailed(f"processes {targets} of site namespace {extra['netns']} did not exit after SIGKILL")
 
@@ -388,10 +384,3 @@ class NamespaceProvider(Provider):
             if name.startswith(f"{self.prefix}h"):
                 _ip("link", "del", name, check=False)
 
-
-def _label(argv: Sequence[str]) -> str:
-    """A log file name for a command: the module after `-m`, else the program's name."""
-    args = list(argv)
-    if "-m" in args[:-1]:
-        return args[args.index("-m") + 1]
-    return Path(args[0]).name if args else "process"
