@@ -1,13 +1,15 @@
 """The controller's testbed (POST /app/test/ …): N clients of one app on ONE controller, as FeatureCloud's own.
 
 Client dirs and the generic dir are relative to the controller's data dir; every instance gets its client dir plus the
-generic dir as input. Data moves through an in-process relay (local_relay.py), the same protocol driver as project
-runs. Results: one zip per client under <data-dir>/tests/<downloadResults>/ (when downloadResults is given).
+generic dir as input. Data moves through an in-process relay with the hub relay's routing rules, driven by the same
+protocol driver as project runs. Results: one zip per client under <data-dir>/tests/<downloadResults>/ (when downloadResults is given).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import queue
 import secrets
 import shutil
 import threading
@@ -18,8 +20,8 @@ from pathlib import Path
 
 from fedsim_runner.errors import ConfigError, RunFailed
 from fedsim_runner.localfc import app_folder
-from fedsim_runner.localfc.local_relay import LocalRelay
-from fedsim_runner.localfc.project_runner import AppFailed, drive, zip_folder
+from fedsim_runner.localfc.hub import element_sum
+from fedsim_runner.localfc.project_runner import AppFailed, Message, drive, zip_folder
 from fedsim_runner.localfc.runtime import start_instance
 from fedsim_runner.localfc.timing import Timing
 
@@ -40,6 +42,65 @@ def image_slug(docker_image: str) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+class LocalRelay:
+    """The testbed's relay: one inbox per client, the hub's routing and SMPC rules, and a traffic record."""
+
+    def __init__(self, clients: list[str], coordinator_id: str) -> None:
+        self.clients, self.coordinator_id = clients, coordinator_id
+        self.inboxes: dict[str, queue.Queue[Message]] = {c: queue.Queue() for c in clients}
+        self._smpc: dict[str | None, dict[str, bytes]] = {}
+        self._traffic: list[dict] = []
+        self._lock = threading.Lock()
+
+    def endpoint(self, client: str) -> RelayEndpoint:
+        return RelayEndpoint(self, client)
+
+    def send(self, sender: str, destination: str, memo: str | None, smpc: bool, payload: bytes) -> None:
+        with self._lock:
+            self._traffic.append({"time": _now(), "sender": sender, "destination": destination, "memo": memo,
+                                  "smpc": smpc, "bytes": len(payload)})
+            if smpc:
+                shares = self._smpc.setdefault(memo, {})
+                shares[sender] = payload
+                if set(shares) != set(self.clients):
+                    return
+                total = json.loads(shares.pop(self.clients[0]))
+                for share in shares.values():
+                    total = element_sum(total, json.loads(share))
+                del self._smpc[memo]
+                sender, recipients, payload = self.coordinator_id, [self.coordinator_id], json.dumps(total).encode()
+            elif destination == "all":
+                recipients = [c for c in self.clients if c != sender]
+            elif destination == "coordinator":
+                recipients = [self.coordinator_id]
+            elif destination in self.inboxes:
+                recipients = [destination]
+            else:
+                raise RunFailed(f"client {sender} sent to {destination!r}, which is not a client of this test")
+        for recipient in recipients:
+            self.inboxes[recipient].put(Message(payload, sender, memo))
+
+    def traffic(self) -> list[dict]:
+        with self._lock:
+            return list(self._traffic)
+
+
+class RelayEndpoint:
+    """One client's side of the local relay (the Relay interface of project_runner.drive)."""
+
+    def __init__(self, relay: LocalRelay, client: str) -> None:
+        self.relay, self.client = relay, client
+
+    def send(self, sender: str, destination: str, memo: str | None, smpc: bool, payload: bytes) -> None:
+        self.relay.send(sender, destination, memo, smpc, payload)
+
+    def receive(self, timeout: float) -> Message | None:
+        try:
+            return self.relay.inboxes[self.client].get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 class TestRun:
