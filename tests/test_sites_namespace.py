@@ -213,4 +213,6 @@ def test_down_from_a_new_process_leaves_nothing_and_twice_is_fine(tmp_path):
                            capture_output=True, text=True, cwd=REPO, timeout=60)
         assert r.returncode == 0, r.stderr
     proc.wait(timeout=10)
+    # this process is the parent of the sites' unshare: its reaper threads collect them as they end
+    wait_until(lambda: not _leftovers("fstest-down", "10.221.128.0/17", pids), 5)
     assert _leftovers("fstest-down", "10.221.128.0/17", pids) == []
