@@ -170,7 +170,10 @@ def test_runs_move_through_the_state_machine(hub):
         coord.set_project_status(pid, "prepare")
     assert busy.value.status == 409
 
+    p1_id = p1.run_info(pid)["clientId"]
+    coord.relay_send(pid, 1, info["coordinatorId"], p1_id, b"left over")  # the finished run's relay still works
     assert coord.set_project_status(pid, "ready")["status"] == "ready"  # reset a finished project
+    assert p1.relay_receive(pid, 1, p1_id) is None  # … and a reset drops what the old run left undelivered
     assert start_run(pid, [coord, p1, p2]) == 2
     assert p2.report_run(pid, 2, "error", 1, "Traceback: boom")["status"] == "error"
     assert coord.set_project_status(pid, "ready")["status"] == "ready"

@@ -242,6 +242,9 @@ class Hub:
                       (now(), pid))
         if target != current:
             c.execute("UPDATE members SET finalized = 0 WHERE project_id = ?", (pid,))
+        if target == "ready":  # a new run will start: what earlier runs left undelivered is of no use any more
+            c.execute("DELETE FROM relay WHERE project_id = ?", (pid,))
+            c.execute("DELETE FROM smpc WHERE project_id = ?", (pid,))
         c.execute("UPDATE projects SET status = ?, updated = ? WHERE id = ?", (target, now(), pid))
 
     def set_workflow(self, project: dict, steps: list[WorkflowStepIn], user: dict) -> None:
