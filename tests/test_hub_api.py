@@ -340,3 +340,83 @@ def test_gui_login_token_join_and_start(hub):
             expect(other.get_by_text("Site is registered")).to_have_count(1)
         finally:
             browser.close()
+
+
+class UploadRecorder:
+    """A stand-in for the participant's controller that only records /file-upload/ calls (with CORS, as the page's
+    script posts cross-origin from the hub's page to the controller)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        self.calls: list[tuple[dict, bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _cors(self, status: int) -> None:
+                self.send_response(status)
+                self.send_header("Access-Control-Allow-Origin", "*")
+                self.send_header("Access-Control-Allow-Methods", "POST")
+                self.send_header("Access-Control-Allow-Headers", "*")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def do_OPTIONS(self) -> None:
+                self._cors(204)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+                outer.calls.append((query, body))
+                self._cors(200)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_gui_upload_posts_files_to_the_participants_controller(hub, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    pid, (coord, member) = project_with_members(hub, names=("coord", "member"), slug="mean-app")
+    coord.set_project_status(pid, "prepare")
+    data = tmp_path / "data.csv"
+    data.write_text("1,2,3")
+    controller = UploadRecorder()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_context().new_page()
+                page.goto(f"{hub.url}/account?p=login")
+                page.fill("#loginEmail", "member@example.org")
+                page.fill("#loginPassword", "pw-member-secret")
+                page.get_by_role("button", name="Log in").click()
+                page.goto(f"{hub.url}/project/{pid}?controller={controller.url}")
+                page.set_input_files("#upload", str(data))
+                page.get_by_role("button", name="Upload").click()
+                expect(page.locator("#uploadStatus")).to_have_text("Uploaded 1 file(s).")
+                page.get_by_role("button", name="Continue workflow").click()
+                page.get_by_role("button", name="Yes").click()
+                expect(page.locator("#uploadStatus")).to_contain_text("Finalised")
+            finally:
+                browser.close()
+    finally:
+        controller.close()
+    (upload, body), (final, empty) = controller.calls
+    assert upload == {"projectId": str(pid), "consent": "true", "fileName": "data.csv", "finalize": "false"}
+    assert body == b"1,2,3"
+    assert final["finalize"] == "true" and final["fileName"] == "" and empty == b""
