@@ -7,9 +7,12 @@ project is running (project_runner.py does the run), and serves the testbed endp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -75,6 +78,8 @@ class Controller:
 
     def stop(self) -> None:
         """Controller shutdown: stop watching the hub, then every project instance and test instance."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         for run in list(self.runs.values()):
             run.stop("the controller was shut down")
@@ -138,7 +143,13 @@ def project_runs(data_dir: Path, pid: int) -> list[dict]:
 
 
 def create_app(ctl: Controller) -> FastAPI:
-    app = FastAPI(title=f"localfc controller ({ctl.site})", docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn re-raises SIGTERM/SIGINT once it has stopped serving: the instances must be gone before that
+        await asyncio.to_thread(ctl.stop)
+
+    app = FastAPI(title=f"localfc controller ({ctl.site})", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.get("/")
     @app.get("/ping/")
@@ -242,6 +253,6 @@ def serve(site: str, hub: str, host: str, port: int, data_dir: Path, timing: str
     server = uvicorn.Server(uvicorn.Config(create_app(ctl), host=host, port=port, log_level="warning",
                                            access_log=False))
     try:
-        server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful exit
+        server.run()  # SIGTERM/SIGINT: graceful exit, the lifespan's end stops every instance
     finally:
-        ctl.stop()
+        ctl.stop()  # also when the server could not start (e.g. the port is taken)
