@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 
 import httpx
 import jwt
 import pytest
 
+from tests.conftest import REPO
 from tests.test_hub_api import HubProcess, project_with_members, sign_up
 
 pytestmark = pytest.mark.e2e
@@ -178,3 +181,16 @@ def test_rule_violations_are_4xx_with_a_message(world):
     rejected(world, "DELETE", "/api/apps/2/purchase/", 404, headers=coord)
     rejected(world, "POST", "/api/auth/user/signup/", 409, json={
         "email": "coord@example.org", "password": "another one", "firstName": "x", "lastName": "y"})
+
+
+def test_unusable_database_or_port_is_one_line_and_exit_2(tmp_path, world):
+    bad = tmp_path / "not-a-db.sqlite3"
+    bad.write_text("this is not SQLite")
+    busy_port = str(world["hub"].port)
+    for args in (["--port", "0", "--db", str(bad)], ["--port", busy_port, "--db", str(tmp_path / "ok.sqlite3")]):
+        done = subprocess.run([sys.executable, "-m", "fedsim_runner", "hub", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert ("--db" in done.stderr) if args[-1] == str(bad) else ("--port" in done.stderr)
+    assert bad.read_text() == "this is not SQLite"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import secrets
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -652,9 +653,12 @@ def create_app(db_path: Path) -> FastAPI:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(wait, MAX_WAIT)
         key = (pid, run_nr, client)
+        waited = False
         while True:
             row = db.one("SELECT * FROM relay WHERE project_id = ? AND run_nr = ? AND recipient = ? ORDER BY seq "
                          "LIMIT 1", pid, run_nr, client)
+            if row is not None and waited and await request.is_disconnected():
+                return Response(status_code=204)  # the poller gave up: keep the message for its next poll
             if row is not None:
                 with db.tx() as c:
                     c.execute("DELETE FROM relay WHERE seq = ?", (row["seq"],))
@@ -670,6 +674,7 @@ def create_app(db_path: Path) -> FastAPI:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 pass
+            waited = True
 
     add_gui(app, hub)
     return app
@@ -808,7 +813,12 @@ def serve(hosts: list[str], port: int, db: Path) -> None:
             sock.close()
         raise ConfigError(f"hub: cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
             from None
-    app = create_app(Path(db))
+    try:
+        app = create_app(Path(db))
+    except (sqlite3.Error, OSError) as e:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"hub: cannot use the database {db} ({e}); choose another --db") from None
     print(f"localfc hub listening on {', '.join(f'http://{h}:{port}' for h in hosts)} (db {db})", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30))
     server.run(sockets=sockets)
