@@ -11,7 +11,7 @@ import pytest
 from fastapi import HTTPException
 
 from fedsim_runner.errors import ConfigError
-from fedsim_runner.localfc.controller import project_runs, safe_relative
+from fedsim_runner.localfc.controller import hub_origins, project_runs, safe_relative
 from fedsim_runner.localfc.project_runner import run_dir, zip_folder
 from fedsim_runner.localfc.testbed import image_slug
 from fedsim_runner.localfc.timing import Timing
@@ -34,6 +34,11 @@ def test_upload_names_stay_inside_the_upload_folder():
     for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b"]:
         with pytest.raises(HTTPException):
             safe_relative(bad)
+
+
+def test_cors_origins_are_the_hubs_pages():
+    assert hub_origins("http://127.0.0.1:8080/") == ["http://127.0.0.1:8080", "http://localhost:8080"]
+    assert hub_origins("https://10.213.0.1:9000") == ["https://10.213.0.1:9000"]
 
 
 def test_project_runs_newest_first_with_steps(tmp_path):

@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from fedsim_runner.errors import ConfigError, RunFailed
@@ -126,6 +128,14 @@ class Controller:
         runner.start()
 
 
+def hub_origins(hub_url: str) -> list[str]:
+    """The browser origins of the hub's pages: its URL, also as localhost/127.0.0.1."""
+    parts = urlsplit(hub_url)
+    port = f":{parts.port}" if parts.port else ""
+    hosts = {parts.hostname, *({"localhost", "127.0.0.1"} if parts.hostname in ("localhost", "127.0.0.1") else set())}
+    return sorted(f"{parts.scheme}://{host}{port}" for host in hosts)
+
+
 def project_runs(data_dir: Path, pid: int) -> list[dict]:
     """The runs of a project on disk, newest first, as GET /project-runs/ lists them."""
     root = data_dir / "workflows" / f"Project_{pid}"
@@ -150,6 +160,9 @@ def create_app(ctl: Controller) -> FastAPI:
         await asyncio.to_thread(ctl.stop)
 
     app = FastAPI(title=f"localfc controller ({ctl.site})", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # the hub's project page uploads from the participant's browser straight to this controller (cross-origin)
+    app.add_middleware(CORSMiddleware, allow_origins=hub_origins(ctl.hub.base_url), allow_methods=["GET", "POST"],
+                       allow_headers=["*"])
 
     @app.get("/")
     @app.get("/ping/")
