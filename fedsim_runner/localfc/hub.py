@@ -206,13 +206,14 @@ class Hub:
         pid = project["id"]
         steps = self.db.all("SELECT w.*, a.slug, a.name FROM workflow_steps w JOIN apps a ON a.id = w.app_id "
                             "WHERE w.project_id = ? ORDER BY w.step_order", pid)
-        owner = self.db.one("SELECT email FROM users WHERE id = ?", project["owner_id"])
-        run = self.db.one("SELECT MAX(run_nr) AS nr FROM runs WHERE project_id = ?", pid)
-        n_members = self.db.one("SELECT COUNT(*) AS n FROM members WHERE project_id = ?", pid)["n"]
+        extra = self.db.one("SELECT (SELECT email FROM users WHERE id = ?) AS owner, "
+                            "(SELECT MAX(run_nr) FROM runs WHERE project_id = ?) AS run_nr, "
+                            "(SELECT COUNT(*) FROM members WHERE project_id = ?) AS members",
+                            project["owner_id"], pid, pid)
         return {
             "id": pid, "name": project["name"], "description": project["description"], "status": project["status"],
             "role": "coordinator" if project["owner_id"] == user["id"] else "participant",
-            "coordinator": owner["email"], "members": n_members, "runNr": run["nr"],
+            "coordinator": extra["owner"], "members": extra["members"], "runNr": extra["run_nr"],
             "createdAt": project["created"], "updatedAt": project["updated"],
             "workflow": [{"id": s["step_order"], "projectId": pid, "order": s["step_order"],
                           "federatedApp": {"id": s["app_id"], "slug": s["slug"], "name": s["name"]},
