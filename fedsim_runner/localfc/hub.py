@@ -13,6 +13,7 @@ import secrets
 import socket
 import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -132,6 +133,11 @@ class RunReport(Body):
     message: Annotated[str, StringConstraints(max_length=20000), AfterValidator(_encodable)] = ""
 
 
+def iso(timestamp: float | None) -> str | None:
+    """Times in answers as the real site gives them: ISO 8601, UTC."""
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
 def _bad(status: int, message: str) -> HTTPException:
     return HTTPException(status, message)
 
@@ -214,7 +220,7 @@ class Hub:
             "id": pid, "name": project["name"], "description": project["description"], "status": project["status"],
             "role": "coordinator" if project["owner_id"] == user["id"] else "participant",
             "coordinator": extra["owner"], "members": extra["members"], "runNr": extra["run_nr"],
-            "createdAt": project["created"], "updatedAt": project["updated"],
+            "createdAt": iso(project["created"]), "updatedAt": iso(project["updated"]),
             "workflow": [{"id": s["step_order"], "projectId": pid, "order": s["step_order"],
                           "federatedApp": {"id": s["app_id"], "slug": s["slug"], "name": s["name"]},
                           "versionCertificationLevel": s["certification_level"]} for s in steps],
@@ -297,7 +303,7 @@ class Hub:
 
     def token_json(self, row) -> dict:
         used = self.db.one("SELECT email FROM users WHERE id = ?", row["used_by"]) if row["used_by"] else None
-        return {"id": row["id"], "token": row["token"], "project": row["project_id"], "createdAt": row["created"],
+        return {"id": row["id"], "token": row["token"], "project": row["project_id"], "createdAt": iso(row["created"]),
                 "used": row["used_by"] is not None, "usedBy": used["email"] if used else None}
 
     # --- runs and relay -------------------------------------------------------------------------------------------
@@ -454,7 +460,7 @@ def create_app(db_path: Path) -> FastAPI:
     def site_json(s: dict) -> dict:
         return {"id": s["id"], "name": s["name"], "organization": s["organization"], "address": s["address"],
                 "zip": s["zip"], "city": s["city"], "country": s["country"], "firstName": s["first_name"],
-                "lastName": s["last_name"], "phone": s["phone"], "lastSeen": s["last_seen"]}
+                "lastName": s["last_name"], "phone": s["phone"], "lastSeen": iso(s["last_seen"])}
 
     # --- auth and users ---------------------------------------------------------------------------------------
     @app.post("/api/auth/login/")
