@@ -749,9 +749,10 @@ def add_gui(app: FastAPI, hub: Hub) -> None:
         user = session_user(request)
         if user is None:
             return to_login()
+        token = (await form_field(request, "token")).strip()  # read before the transaction: no await inside one
         try:
             with db.tx():
-                project = hub.join((await form_field(request, "token")).strip(), user)
+                project = hub.join(token, user)
         except HTTPException as e:
             return projects_page(request, user, e.status_code, error=e.detail)
         return RedirectResponse(f"/project/{project['id']}", status_code=303)
