@@ -420,3 +420,15 @@ def test_gui_upload_posts_files_to_the_participants_controller(hub, tmp_path):
     assert upload == {"projectId": str(pid), "consent": "true", "fileName": "data.csv", "finalize": "false"}
     assert body == b"1,2,3"
     assert final["finalize"] == "true" and final["fileName"] == "" and empty == b""
+
+
+def test_parallel_finalisations_start_exactly_one_run(hub):
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"site{i}" for i in range(8)]
+    pid, clients = project_with_members(hub, names=names)
+    clients[0].set_project_status(pid, "prepare")
+    with ThreadPoolExecutor(len(clients)) as pool:
+        answers = list(pool.map(lambda c: c.finalize(pid), clients))
+    assert [a["runNr"] for a in answers if a["runNr"] is not None] == [1]
+    assert clients[3].run_info(pid)["runNr"] == 1 and clients[0].project(pid)["status"] == "running"
