@@ -1,41 +1,37 @@
-"""Sites as plain processes for the cluster and site-task tests: each site its own HOME (holding its 0600 dotfile),
-its own environment and its own processes. The same shape as the sites provider's process isolation."""
+"""Process sites from the real provider for the cluster and site-task tests, each with its own 0600 dotfile written
+the way distribute.yml writes it: by the site's user, into its own home, the secret passed on stdin."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import subprocess
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-
-@dataclass
-class ProcessSite:
-    name: str
-    home: Path
-    user: str = ""
-    address: str = "127.0.0.1"
-    gateway: str = "127.0.0.1"
+from fedsim_runner.config import parse_config
+from fedsim_runner.sites import Provider, SiteHandle, get_provider
 
 
-class ProcessSites:
-    def __init__(self, root: Path, dotfiles: dict[str, dict[str, str]]) -> None:
-        """`dotfiles`: {site: {FC_USERNAME: …, …}}; FEDSIM_SITE is added."""
-        self.handles = []
+def write_dotfile(provider: Provider, site: str, values: dict[str, str]) -> None:
+    proc = provider.popen(site, ["sh", "-c", "umask 077 && mkdir -p ~/.fedsim && cat > ~/.fedsim/site.env"], {},
+                          stdin=subprocess.PIPE)
+    proc.communicate("".join(f"{k}={v}\n" for k, v in {"FEDSIM_SITE": site, **values}.items()).encode(), timeout=30)
+    assert proc.returncode == 0
+
+
+@contextlib.contextmanager
+def process_sites(folder: Path, dotfiles: dict[str, dict[str, str]]) -> Iterator[tuple[Provider, dict[str, SiteHandle]]]:
+    """`dotfiles`: {site: {FC_USERNAME: …, …}} (FEDSIM_SITE is added); yields (provider, {site: handle})."""
+    text = f'[project]\nname = "fedsim-test-{uuid.uuid4().hex[:8]}"\nworkflow = "mean"\n' \
+           '[provider]\nkind = "local"\nisolation = "process"\n'
+    for i, name in enumerate(dotfiles):
+        text += f'[[sites]]\nname = "{name}"\nfc_user = "{name}@fedsim.test"\ncoordinator = {str(i == 0).lower()}\n'
+    provider = get_provider(parse_config(text, folder / "project.toml"))
+    try:
+        handles = {h.name: h for h in provider.up()}
         for name, values in dotfiles.items():
-            home = root / name
-            (home / ".fedsim").mkdir(parents=True)
-            dotfile = home / ".fedsim" / "site.env"
-            dotfile.touch(mode=0o600)
-            dotfile.write_text("".join(f"{k}={v}\n" for k, v in {"FEDSIM_SITE": name, **values}.items()))
-            self.handles.append(ProcessSite(name, home))
-        self.by_name = {h.name: h for h in self.handles}
-
-    def popen(self, site: str, argv, env, cwd=None) -> subprocess.Popen:
-        home = self.by_name[site].home
-        kind = "worker" if "fedsim_runner.site_worker" in argv else "controller" if "controller" in argv else "process"
-        with open(home / f"{kind}.log", "ab") as out:
-            return subprocess.Popen(
-                list(argv), env={**env, "PATH": os.environ["PATH"], "HOME": str(home)}, cwd=cwd or home,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            )
+            write_dotfile(provider, name, values)
+        yield provider, handles
+    finally:
+        provider.down()
