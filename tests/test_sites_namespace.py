@@ -15,7 +15,7 @@ import pytest
 
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.config import load_config
-from fedsim_runner.errors import ConfigError
+from fedsim_runner.errors import ConfigError, RunFailed
 from fedsim_runner.sites import get_provider
 from fedsim_runner.sites.base import proc_start_time
 from fedsim_runner.sites.namespace import NamespaceProvider, link_prefix
@@ -216,3 +216,42 @@ def test_down_from_a_new_process_leaves_nothing_and_twice_is_fine(tmp_path):
     # this process is the parent of the sites' unshare: its reaper threads collect them as they end
     wait_until(lambda: not _leftovers("fstest-down", "10.221.128.0/17", pids), 5)
     assert _leftovers("fstest-down", "10.221.128.0/17", pids) == []
+
+
+def _ssh_project(tmp: Path, name: str, hosts: dict[str, str], key: Path) -> Path:
+    path = tmp / f"{name}.toml"
+    path.write_text(f'[project]\nname = "{name}"\nworkflow = "mean"\n[provider]\nkind = "ssh"\n' + "".join(
+        f'[[sites]]\nname = "{s}"\nfc_user = "{s}@example.org"\ncoordinator = {str(i == 0).lower()}\n'
+        f'host = "{host}"\nuser = "{s}"\nssh_key = "{key}"\n' for i, (s, host) in enumerate(hosts.items())))
+    return path
+
+
+def test_ssh_provider_on_namespace_sites(sites, tmp_path):
+    ns, handles = sites
+    key = handles["alpha"].ssh_key
+    ssh = get_provider(load_config(_ssh_project(tmp_path, "fstest-ssh", {n: handles[n].address for n in ("alpha", "beta")}, key)))
+    try:
+        got = {h.name: h for h in ssh.up()}
+        assert {n: (str(h.home), h.gateway, h.user) for n, h in got.items()} == {
+            n: (f"/home/{n}", handles[n].gateway, n) for n in ("alpha", "beta")}
+        proc = ssh.popen("beta", ["sh", "-c", 'hostname; echo "$FEDSIM_X"; id -un'], env={"FEDSIM_X": "1"},
+                         stdout=subprocess.PIPE)
+        assert proc.communicate(timeout=30)[0].decode().split() == ["beta", "1", "beta"]
+        proc = ssh.popen("alpha", ["sleep", "301"], stdout=subprocess.DEVNULL)
+        assert wait_until(lambda: run(ns, "alpha", ["pgrep", "-x", "sleep"])[0] == 0, 10)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until(lambda: run(ns, "alpha", ["pgrep", "-x", "sleep"])[0] == 1, 10), "remote sleep survived"
+    finally:
+        ssh.down()
+    assert not ssh.state_dir.exists()
+
+
+def test_ssh_provider_names_an_unreachable_site(sites, tmp_path):
+    _, handles = sites
+    path = _ssh_project(tmp_path, "fstest-ssh-bad", {"alpha": handles["alpha"].address, "ghost": "10.221.0.254"},
+                        handles["alpha"].ssh_key)
+    ssh = get_provider(load_config(path))
+    with pytest.raises(RunFailed, match=r"site ghost: cannot log in to ghost@10\.221\.0\.254:22 .*check host, port"):
+        ssh.up()
+    ssh.down()

@@ -8,6 +8,7 @@ project's own known_hosts. Installing a key for each site user is the Ansible ta
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None)
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
     run = f"env -i PATH=\"$PATH\" HOME=\"$HOME\" USER=\"$USER\" {assignments} {shlex.join(argv)} </dev/null"
     cd = f"cd {shlex.quote(cwd)} && " if cwd else ""
-    return (f"{cd}{{ {run} & p=$!; {{ cat >/dev/null; kill $p; }} >/dev/null 2>&1 & w=$!; "
+    # fd 3: background jobs of a non-interactive shell get /dev/null as stdin unless redirected explicitly
+    return (f"exec 3<&0; {cd}{{ {run} & p=$!; {{ cat <&3 >/dev/null; kill $p; }} >/dev/null 2>&1 & w=$!; "
             "wait $p; rc=$?; kill $w 2>/dev/null; exit $rc; }")
 
 
@@ -44,12 +46,23 @@ def ssh_popen(h: SiteHandle, known_hosts: Path, argv: Sequence[str], env: Mappin
               cwd: str | None, **popen_kwargs) -> subprocess.Popen:
     """Run argv on a remote site as its ssh user; the Popen is the local ssh, and stopping it stops the command."""
     cmd = [*ssh_command(h, known_hosts), remote_command(argv, env or {}, cwd)]
-    popen_kwargs["stdin"] = subprocess.PIPE  # never written: its EOF is the remote watcher's stop signal
+    # ssh's stdin is a pipe that only the returned Popen holds open: its EOF (this process or the Popen gone, or the
+    # connection closed by killing ssh) is the remote watcher's stop signal; communicate() cannot close it early
+    keep_open, popen_kwargs["stdin"] = _stdin_pipe()
     if "stdout" in popen_kwargs:
-        return subprocess.Popen(cmd, **popen_kwargs)
-    h.logs.mkdir(parents=True, exist_ok=True)
-    with open(h.logs / f"{log_label(argv)}.log", "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen_kwargs)
+        proc = subprocess.Popen(cmd, **popen_kwargs)
+    else:
+        h.logs.mkdir(parents=True, exist_ok=True)
+        with open(h.logs / f"{log_label(argv)}.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen_kwargs)
+    os.close(popen_kwargs["stdin"])
+    proc.fedsim_keep_open = keep_open
+    return proc
+
+
+def _stdin_pipe():
+    read_end, write_end = os.pipe()
+    return os.fdopen(write_end, "wb"), read_end
 
 
 class SshProvider(Provider):
