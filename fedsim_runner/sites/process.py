@@ -126,6 +126,8 @@ def _stop_groups(groups: list[int]) -> None:
     def gone() -> bool:
         return not _live_members(set(groups))
 
+    if not groups:
+        return
     signal_all(signal.SIGTERM)
     if not wait_until(gone, STOP_GRACE):
         signal_all(signal.SIGKILL)

@@ -111,9 +111,8 @@ class SshProvider(Provider):
 
     def down(self, keep_logs: bool = False) -> None:
         with self.locked():
-            for h in self.handles():
-                if not keep_logs:
-                    shutil.rmtree(h.logs.parent, ignore_errors=True)
+            for site in self.cfg.sites if not keep_logs else []:
+                shutil.rmtree(self.state_dir / site.name, ignore_errors=True)
             self.known_hosts.unlink(missing_ok=True)
             self.state_file.unlink(missing_ok=True)
             (self.state_dir / ".lock").unlink(missing_ok=True)
