@@ -1,4 +1,4 @@
-"""Costs of the Dask layer with 1, 4, 8 and 16 process sites: scheduler + workers ready, one round of pinned tasks,
+"""Costs of the Dask layer with 1, 4, 8 and 16 process sites (the real provider): scheduler + workers ready, one round of pinned tasks,
 a value relayed site → orchestrator → every site, dead-site detection, stop.
 
 Run alone: `.venv/bin/python bench/bench_cluster.py` → bench/results/cluster.json.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from fedsim_runner.cluster import Cluster  # noqa: E402
 from fedsim_runner.errors import RunFailed  # noqa: E402
 from fedsim_runner.site_tasks import site_identity  # noqa: E402
-from tests.process_sites import ProcessSites  # noqa: E402
+from tests.process_sites import process_sites  # noqa: E402
 
 SIZES = (1, 4, 8, 16)
 ROUNDS = 10
@@ -30,11 +30,16 @@ ROUNDS = 10
 
 def measure(n: int, root: Path) -> dict:
     names = [f"s{i}" for i in range(n)]
-    sites = ProcessSites(root, {s: {"FC_USERNAME": s, "FC_PASSWORD": "x", "FC_BASE_URL": "http://127.0.0.1:9",
-                                    "FC_CONTROLLER_URL": "http://127.0.0.1:9"} for s in names})
-    result: dict = {"sites": n}
+    values = {"FC_USERNAME": "u", "FC_PASSWORD": "x", "FC_BASE_URL": "http://127.0.0.1:9",
+              "FC_CONTROLLER_URL": "http://127.0.0.1:9"}
+    with process_sites(root, {s: values for s in names}) as (provider, handles):
+        return measure_on(names, provider, list(handles.values()), root)
+
+
+def measure_on(names: list[str], provider, handles: list, root: Path) -> dict:
+    result: dict = {"sites": len(names)}
     t = time.perf_counter()
-    cluster = Cluster(None, sites.handles, sites, log_dir=root / "dask")
+    cluster = Cluster(None, handles, provider, log_dir=root / "dask")
     cluster.start()
     try:
         result["ready_s"] = time.perf_counter() - t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -20,7 +22,7 @@ from fedsim_runner.cluster import Cluster
 from fedsim_runner.errors import RunFailed
 from fedsim_runner.featurecloud.api import FeatureCloudClient
 from tests.conftest import free_port
-from tests.process_sites import ProcessSites
+from tests.process_sites import process_sites
 
 pytestmark = pytest.mark.e2e
 
@@ -64,12 +66,15 @@ def accounts(hub_url: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def _sites(root: Path, hub_url: str, accounts: dict, controllers: dict[str, str] | None = None) -> ProcessSites:
-    return ProcessSites(root, {
+@contextlib.contextmanager
+def _sites(root: Path, hub_url: str, accounts: dict, controllers: dict[str, str] | None = None):
+    dotfiles = {
         name: {"FC_USERNAME": email, "FC_PASSWORD": password, "FC_BASE_URL": hub_url,
                "FC_CONTROLLER_URL": (controllers or {}).get(name, "http://127.0.0.1:9")}
         for name, (email, password) in accounts.items()
-    })
+    }
+    with process_sites(root, dotfiles) as (provider, handles):
+        yield SimpleNamespace(provider=provider, handles=list(handles.values()), by_name=handles)
 
 
 def _holds_no_password(accounts: dict, *documents: object, folder: Path | None = None) -> None:
@@ -81,8 +86,8 @@ def _holds_no_password(accounts: dict, *documents: object, folder: Path | None =
 
 
 def test_project_setup_runs_on_each_participants_own_site(hub_url, accounts, tmp_path):
-    sites = _sites(tmp_path / "sites", hub_url, accounts)
-    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+    with _sites(tmp_path, hub_url, accounts) as sites, \
+            Cluster(None, sites.handles, sites.provider, log_dir=tmp_path / "dask") as cluster:
         logins = cluster.run_on_all(site_tasks.login, {n: () for n in NAMES})
         assert {n: r["user"] for n, r in logins.items()} == {n: accounts[n][0] for n in NAMES}
 
@@ -110,8 +115,8 @@ def test_project_setup_runs_on_each_participants_own_site(hub_url, accounts, tmp
 
 def test_a_wrong_password_fails_login_naming_the_site_without_the_password(hub_url, accounts, tmp_path):
     wrong = dict(accounts, **{"site-b": (accounts["site-b"][0], "not-" + accounts["site-b"][1])})
-    sites = _sites(tmp_path / "sites", hub_url, wrong)
-    with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+    with _sites(tmp_path, hub_url, wrong) as sites, \
+            Cluster(None, sites.handles, sites.provider, log_dir=tmp_path / "dask") as cluster:
         with pytest.raises(RunFailed, match=r"site site-b: login failed: .*401") as err:
             cluster.run_on_all(site_tasks.login, {n: () for n in NAMES})
     assert wrong["site-b"][1] not in str(err.value)
@@ -123,21 +128,19 @@ MEAN_EXAMPLE = {"site-a": "1,2,3,4,5", "site-b": "7,9,11", "site-c": "2,2,2,4,6,
 def test_a_whole_mean_run_through_site_tasks_and_the_sites_own_controllers(hub_url, accounts, tmp_path):
     pytest.importorskip("fedsim_runner.localfc.runtime", reason="the localfc app runtime has not landed")
     ports = {name: free_port() for name in NAMES}
-    sites = _sites(tmp_path / "sites", hub_url, accounts, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
-    for name, line in MEAN_EXAMPLE.items():
-        folder = sites.by_name[name].home / "input"
-        folder.mkdir()
-        (folder / "data.csv").write_text(line + "\n")
-        (folder / "config.yml").write_text("fc_mean:\n  input_name: data.csv\n  output_name: output.csv\n")
-    controllers = [
-        sites.popen(name, [sys.executable, "-m", "fedsim_runner.site_env", "--", sys.executable, "-m", "fedsim_runner",
-                           "controller", "--site", name, "--hub", hub_url, "--host", "127.0.0.1", "--port",
-                           str(ports[name]), "--data-dir", str(sites.by_name[name].home / "controller"),
-                           "--timing", "fast"], {})
-        for name in NAMES
-    ]
-    try:
-        with Cluster(None, sites.handles, sites, log_dir=tmp_path / "dask") as cluster:
+    urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
+    with _sites(tmp_path, hub_url, accounts, urls) as sites:
+        for name, line in MEAN_EXAMPLE.items():
+            folder = sites.by_name[name].home / "input"
+            folder.mkdir()
+            (folder / "data.csv").write_text(line + "\n")
+            (folder / "config.yml").write_text("fc_mean:\n  input_name: data.csv\n  output_name: output.csv\n")
+        for name in NAMES:  # each site's controller, started as the site with its own dotfile loaded
+            sites.provider.popen(name, [
+                sys.executable, "-m", "fedsim_runner.site_env", "--", sys.executable, "-m", "fedsim_runner",
+                "controller", "--site", name, "--hub", hub_url, "--host", "127.0.0.1", "--port", str(ports[name]),
+                "--data-dir", str(sites.by_name[name].home / "controller"), "--timing", "fast"])
+        with Cluster(None, sites.handles, sites.provider, log_dir=tmp_path / "dask") as cluster:
             pid = cluster.run_on("site-a", site_tasks.create_project, "fedsim-mean", "mean-app")
             tokens = cluster.run_on("site-a", site_tasks.create_tokens, pid, 2)
             cluster.run_on_all(site_tasks.join, {"site-b": (tokens[0],), "site-c": (tokens[1],)})
@@ -146,10 +149,6 @@ def test_a_whole_mean_run_through_site_tasks_and_the_sites_own_controllers(hub_u
             assert uploaded["site-b"]["files"] == ["config.yml", "data.csv"]
             assert cluster.run_on("site-a", site_tasks.wait_for_final_status, pid, 120) == "finished"
             results = cluster.run_on_all(site_tasks.download_results, {n: (pid,) for n in NAMES})
-    finally:
-        for proc in controllers:
-            proc.terminate()
-            proc.wait(timeout=10)
     for name in NAMES:
         zips = [f for f in results[name] if f.endswith(".zip")]
         assert zips == [f"results_pr{pid}_run1_step0.zip"], results[name].keys()
