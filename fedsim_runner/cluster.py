@@ -232,8 +232,8 @@ class Cluster:
             for name, proc in self.workers.items():
                 if proc.poll() is not None:
                     raise RunFailed(
-                        f"site {name}: its dask worker exited with code {proc.returncode} before connecting; "
-                        f"check the site's dotfile (~/.fedsim/site.env) and its worker log"
+                        f"site {name}: its dask worker exited with code {proc.returncode} before connecting: "
+                        f"{self._worker_log_tail(name)}"
                     )
             return expected <= self.connected_sites()
 
@@ -244,6 +244,14 @@ class Cluster:
                 f"check that the site is up and reaches the scheduler at "
                 f"{', '.join(sorted({self.scheduler_address(m) for m in missing}))}"
             )
+
+    def _worker_log_tail(self, site: str) -> str:
+        """The last line of the worker's output (the provider writes it to `<handle.logs>/<module>.log`)."""
+        logs = getattr(self.sites[site], "logs", None)
+        if logs is None:
+            return "see the site's worker log"
+        path = Path(logs) / "fedsim_runner.site_worker.log"
+        return f"{_tail(path, lines=1)} (log: {path})"
 
     def connected_sites(self) -> set[str]:
         """Names of the site workers connected to the scheduler right now."""
