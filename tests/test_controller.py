@@ -31,7 +31,7 @@ def test_image_slug(image, slug):
 def test_upload_names_stay_inside_the_upload_folder():
     assert str(safe_relative("config.yml")) == "config.yml"
     assert str(safe_relative("split_1/train.csv")) == "split_1/train.csv"
-    for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b"]:
+    for bad in ["", "/etc/passwd", "../x", "a/../../x", "..\\x"]:
         with pytest.raises(HTTPException):
             safe_relative(bad)
 

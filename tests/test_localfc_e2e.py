@@ -20,11 +20,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from fedsim_runner.featurecloud.api import FeatureCloudAPI
 from scipy.linalg import subspace_angles
 
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.data import Dataset
+from fedsim_runner.featurecloud.api import FeatureCloudAPI
+from fedsim_runner.localfc import app_folders
 from fedsim_runner.workflows import mean, svd
 from tests.conftest import REPO, free_port
 
@@ -37,6 +38,12 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not APPS_PYTHON.exists(), reason="needs the apps environment .venv-apps (`make venv`)"),
 ]
+
+
+
+def needs_app(slug: str):
+    return pytest.mark.skipif(slug not in app_folders(), reason=f"the app {slug!r} is not under apps/ yet")
+
 
 MEAN_EXAMPLE = [[1, 2, 3, 4, 5], [7, 9, 11], [2, 2, 2, 4, 6, 6, 6]]  # FEATURECLOUD.md §5: mean of local means 5.3333
 
@@ -179,6 +186,7 @@ def _results(lf: Localfc, pid: int, tmp_path: Path) -> dict[str, tuple[Path, str
     return out
 
 
+@needs_app("mean-app")
 def test_mean_app_three_sites(localfc, tmp_path):
     pid = _create_project(localfc, "mean-app")
     config = yaml.safe_dump({"fc_mean": {"input_name": "data.csv", "output_name": "output.csv"}}).encode()
@@ -200,6 +208,7 @@ def _low_rank(n_samples: int, n_features: int, seed: int) -> np.ndarray:
     return latent @ rng.standard_normal((5, n_features)) + 0.5 * rng.standard_normal((n_samples, n_features))
 
 
+@needs_app("federated-svd")
 @pytest.mark.parametrize("n_features", [30, 160], ids=["covariance-path", "iterative-path"])
 def test_federated_svd_matches_numpy(localfc, tmp_path, n_features):
     k, n_samples = 5, 150
@@ -256,6 +265,7 @@ def test_site_that_never_finalises_leaves_prepare_and_shutdown_stops(localfc):
     assert late.status_code == 409 and "prepare" in late.json()["detail"]
 
 
+@needs_app("mean-app")
 def test_testbed_runs_mean_app_through_the_featurecloud_cli(localfc):
     site = localfc.coordinator
     for i, numbers in enumerate(MEAN_EXAMPLE):
