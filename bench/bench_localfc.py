@@ -28,10 +28,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fedsim_runner.featurecloud.api import FeatureCloudAPI  # noqa: E402
-
 from fedsim_runner.backoff import wait_until  # noqa: E402
 from fedsim_runner.data import Dataset  # noqa: E402
+from fedsim_runner.featurecloud.api import FeatureCloudAPI  # noqa: E402
 from fedsim_runner.workflows import svd  # noqa: E402
 
 SITES = [3, 10, 30]
