@@ -188,8 +188,11 @@ async def main() -> dict:
 
 
 if __name__ == "__main__":
+    load_before = os.getloadavg()[0]
     results = asyncio.run(asyncio.wait_for(main(), TIME_LIMIT))
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    # the load average says how much else ran on the machine: the numbers scale with the free CPU
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                          "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0]}
     results["note"] = ("one uvicorn process, SQLite WAL; login includes PBKDF2 password hashing (60k iterations) on "
                        "a worker thread; the machine's cores are shared with the benchmark clients")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
