@@ -130,6 +130,8 @@ def _local_hosts(cfg: Config, handles) -> dict[str, dict[str, Any]]:
         for attr in ("home", "gateway"):
             if getattr(h, attr, None) is not None:
                 facts[f"fedsim_site_{attr}"] = str(getattr(h, attr))
+        if getattr(h, "home_in_site", None):  # namespace sites: the home as tasks on the site see it
+            facts["fedsim_site_home"] = h.home_in_site
         hosts[s.name] = {**conn, **facts}
     return hosts
 

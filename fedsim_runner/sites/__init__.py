@@ -78,7 +78,8 @@ def command(name: str, args: argparse.Namespace) -> int:
     if name == "provision":
         from fedsim_runner.ansible import run_playbook
 
-        inventory = provider.inventory()
-        run_playbook(cfg, "site.yml", inventory)
+        stats = run_playbook("site.yml", provider.inventory())
+        changed = sum((stats.get("changed") or {}).values())
+        console.print(f"site.yml done on {len(cfg.sites)} sites ({changed} changes)", highlight=False)
         return 0
     raise ValueError(f"unknown sites command {name}")

@@ -30,6 +30,7 @@ class SiteHandle:
     name: str
     user: str  # the site's unix user (process sites: the user running FedSim)
     home: Path  # the user's home as seen from the orchestrator (namespace sites: inside the overlay's upper dir)
+    home_in_site: str  # the same folder as processes on the site see it (namespace sites: /home/<user>)
     address: str  # how others reach the site
     gateway: str  # how the site reaches the orchestrator (host end of its veth, or 127.0.0.1)
     logs: Path  # where popen writes the output of site processes (orchestrator side)
@@ -51,6 +52,7 @@ class SiteHandle:
         d = dict(d)
         for key in ("home", "logs", "ssh_key"):
             d[key] = None if d.get(key) is None else Path(d[key])
+        d.setdefault("home_in_site", f"/home/{d['user']}")  # state files written before the field existed
         return cls(**d)
 
 

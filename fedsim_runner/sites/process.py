@@ -54,7 +54,8 @@ class ProcessProvider(Provider):
                 if port_base is None:
                     raise RunFailed(f"site {name}: no free block of {PORTS_PER_SITE} ports in {PORT_RANGE}")
                 sdir = self.state_dir / name
-                h = SiteHandle(name=name, user=getpass.getuser(), home=sdir / "home", address="127.0.0.1",
+                h = SiteHandle(name=name, user=getpass.getuser(), home=sdir / "home", home_in_site=str(sdir / "home"),
+                               address="127.0.0.1",
                                gateway="127.0.0.1", logs=sdir / "logs", port_base=port_base, extra={"dir": str(sdir)})
                 for d in (h.home, sdir / "data", h.logs):
                     d.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ class SshProvider(Provider):
         return self.state_dir / "known_hosts"
 
     def _site_handle(self, site) -> SiteHandle:
-        return SiteHandle(name=site.name, user=site.user, home=Path("~"), address=site.address or site.host,
+        return SiteHandle(name=site.name, user=site.user, home=Path("~"), home_in_site="~", address=site.address or site.host,
                           gateway="", logs=self.state_dir / site.name / "logs", port_base=PORT_BASE,
                           ssh_host=site.host, ssh_port=site.port, ssh_user=site.user,
                           ssh_key=self.cfg.resolve(site.ssh_key) if site.ssh_key else None)
@@ -86,7 +86,7 @@ class SshProvider(Provider):
             reason = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
             raise RunFailed(f"site {h.name}: cannot log in to {h.ssh_user}@{h.ssh_host}:{h.ssh_port} ({reason}); "
                             f"check host, port, user and ssh_key of this site in {self.cfg.path}")
-        h.home, h.gateway = Path(lines[0]), lines[1].split()[0]
+        h.home, h.home_in_site, h.gateway = Path(lines[0]), lines[0], lines[1].split()[0]
         h.logs.mkdir(parents=True, exist_ok=True)
         return h
 

@@ -82,6 +82,7 @@ class VagrantProvider(Provider):
             gateway = str(ipaddress.ip_network(f"{s.address}/24", strict=False).network_address + 1)
             handles.append(SiteHandle(
                 name=s.name, user=e.get("user", "vagrant"), home=Path("/home") / e.get("user", "vagrant"),
+                home_in_site=f"/home/{e.get('user', 'vagrant')}",
                 address=s.address, gateway=gateway, logs=self.state_dir / s.name / "logs", port_base=PORT_BASE,
                 ssh_host=e.get("hostname"), ssh_port=int(e.get("port", 22)), ssh_user=e.get("user"),
                 ssh_key=Path(e["identityfile"]) if "identityfile" in e else None))
