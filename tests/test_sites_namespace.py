@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.config import load_config
@@ -255,3 +256,14 @@ def test_ssh_provider_names_an_unreachable_site(sites, tmp_path):
     with pytest.raises(RunFailed, match=r"site ghost: cannot log in to ghost@10\.221\.0\.254:22 .*check host, port"):
         ssh.up()
     ssh.down()
+
+
+def test_inventory_of_namespace_sites_uses_the_sites_own_view(sites, tmp_path):
+    provider, handles = sites
+    hosts = yaml.safe_load(provider.inventory(output=tmp_path / "inventory.yml").read_text())["all"]["children"]["sites"]["hosts"]
+    assert {n: (h["ansible_host"], h["ansible_user"], h["fedsim_site_user"], h["fedsim_site_home"], h["fedsim_site_gateway"])
+            for n, h in hosts.items()} == {n: (h.address, "root", n, f"/home/{n}", h.gateway) for n, h in handles.items()}
+    key = hosts["alpha"]["ansible_ssh_private_key_file"]
+    r = subprocess.run(["ssh", *SSH_OPTS, "-i", key, f"root@{hosts['alpha']['ansible_host']}", "ls -d /home/alpha"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "/home/alpha", r.stderr
