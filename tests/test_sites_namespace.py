@@ -267,3 +267,39 @@ def test_inventory_of_namespace_sites_uses_the_sites_own_view(sites, tmp_path):
     r = subprocess.run(["ssh", *SSH_OPTS, "-i", key, f"root@{hosts['alpha']['ansible_host']}", "ls -d /home/alpha"],
                        capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == "/home/alpha", r.stderr
+
+
+def test_a_site_named_like_a_host_user_is_a_config_error(tmp_path):
+    cfg = load_config(project_file(tmp_path, "fstest-daemon", "10.221.0.0/17", sites=("daemon",)))
+    with pytest.raises(ConfigError, match=r"sites\.daemon\.name: 'daemon' is a user on this machine.*rename the site"):
+        get_provider(cfg).up()
+
+
+def test_down_removes_what_an_interrupted_up_left_without_state(tmp_path):
+    path = project_file(tmp_path, "fstest-crash", "10.221.128.0/17", sites=("one",))
+    provider = get_provider(load_config(path))
+    prefix = link_prefix("fstest-crash")
+    subprocess.run(["ip", "netns", "add", f"{prefix}-one"], check=True)
+    subprocess.run(["ip", "link", "add", f"{prefix}h0", "type", "veth", "peer", "name", "eth0", "netns", f"{prefix}-one"],
+                   check=True)
+    (provider.state_dir / "one" / "upper").mkdir(parents=True)
+    assert _leftovers("fstest-crash", "10.221.128.0/17", [])
+    provider.down()
+    assert _leftovers("fstest-crash", "10.221.128.0/17", []) == []
+
+
+def test_a_changed_subnet_moves_the_sites(tmp_path):
+    first = project_file(tmp_path, "fstest-move", "10.221.128.0/18", sites=("one",))
+    provider = get_provider(load_config(first))
+    try:
+        old = provider.up()[0]
+        moved = get_provider(load_config(project_file(tmp_path, "fstest-move", "10.221.192.0/18", sites=("one",))))
+        new = moved.up()[0]
+        assert (old.address, new.address) == ("10.221.128.2", "10.221.192.2")
+        assert not Path(f"/proc/{old.extra['init_pid']}").exists() or proc_start_time(old.extra["init_pid"]) is None
+        routes = subprocess.run(["ip", "route", "show", "root", "10.221.128.0/17"], capture_output=True, text=True).stdout
+        assert "10.221.128.0/18" not in routes and "unreachable 10.221.192.0/18" in routes
+        moved.down()
+    finally:
+        provider.down()
+    assert _leftovers("fstest-move", "10.221.128.0/17", []) == []

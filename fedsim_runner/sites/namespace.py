@@ -148,11 +148,14 @@ class NamespaceProvider(Provider):
             state = self.read_state()
             sites: dict[str, dict] = state.get("sites", {})
             wanted = [s.name for s in self.cfg.sites]
+            moved = state.get("subnet", str(self.subnet)) != str(self.subnet)  # provider.subnet was edited
             for name, d in list(sites.items()):
                 h = SiteHandle.from_json(d)
-                if name not in wanted or not self._is_up(h):
+                if moved or name not in wanted or not self._is_up(h):
                     self._remove_site(h)
                     del sites[name]
+            if moved:
+                self._remove_unreachable_route(state["subnet"])
             self._ensure_unreachable_route()
             self._ensure_key()
             used = {d["extra"]["slot"] for d in sites.values()}
@@ -179,6 +182,11 @@ class NamespaceProvider(Provider):
         if os.geteuid() != 0:
             raise ConfigError(f"{self.cfg.where('provider.isolation')}: namespace sites need root; run as root or "
                               'set isolation = "process"')
+        taken = {line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines()}
+        for s in self.cfg.sites:
+            if s.name in taken:
+                raise ConfigError(f"{self.cfg.where(f'sites.{s.name}.name')}: {s.name!r} is a user on this machine "
+                                  "and namespace sites name their user after the site; rename the site")
         missing = [t for t in TOOLS if shutil.which(t) is None] + [p for p in (SSHD, PYTHON) if not Path(p).exists()]
         if missing:
             raise ConfigError(f"{self.cfg.where('provider.isolation')}: namespace sites need {', '.join(missing)}; "
@@ -241,9 +249,6 @@ class NamespaceProvider(Provider):
         h.logs.mkdir()
         upper = sdir / "upper"
         user, uid = h.user, UID_BASE + (int(ipaddress.ip_address(h.address)) >> 2) % 1_000_000
-        passwd = Path("/etc/passwd").read_text()
-        if any(line.split(":")[0] == user for line in passwd.splitlines()):
-            raise RunFailed(f"the host already has a user {user!r}; rename site {user} in {self.cfg.path}")
         days = int(time.time() // 86400)
         etc = upper / "etc"
         # the site's accounts: the host's plus the site user (password '*': no password, not locked)
@@ -333,19 +338,17 @@ class NamespaceProvider(Provider):
             with ThreadPoolExecutor(max_workers=max(1, min(16, len(known)))) as pool:
                 list(pool.map(lambda h: self._remove_site(h, keep_logs), known))
             self._sweep()
-            if not keep_logs:
-                shutil.rmtree(self.state_dir / "ssh", ignore_errors=True)
-                self.state_file.unlink(missing_ok=True)
-                (self.state_dir / ".lock").unlink(missing_ok=True)
-            else:
+            subnets = {str(self.subnet), self.read_state().get("subnet", str(self.subnet))}
+            if keep_logs:
                 self.write_state({"kind": self.kind, "project": self.project, "sites": {}})
-        if not keep_logs:
-            try:
-                self.state_dir.rmdir()
-            except OSError:
-                pass  # another up took the lock meanwhile, or something not ours lives there
-        if _ip("route", "show", "exact", str(self.subnet)).strip().startswith("unreachable"):
-            _ip("route", "del", "unreachable", str(self.subnet), check=False)
+            else:  # everything in the state folder is this project's (also site folders of an interrupted up)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+        for subnet in subnets:
+            self._remove_unreachable_route(subnet)
+
+    def _remove_unreachable_route(self, subnet: str) -> None:
+        if _ip("route", "show", "exact", subnet).strip().startswith("unreachable"):
+            _ip("route", "del", "unreachable", subnet, check=False)
 
     def _remove_site(self, h: SiteHandle, keep_logs: bool = False) -> None:
         netns, link = h.extra["netns"], h.extra["link"]
