@@ -107,11 +107,11 @@ class Controller:
         pid, status = int(project["id"]), project.get("status")
         active = [r for (p, _), r in self.runs.items() if p == pid and r.is_alive()]
         if status == "running" and not active:
-            run = self.hub.run_info(pid)
-            run_nr = int(run["runNr"])
+            run_nr = project.get("runNr")
             # a run folder on disk: started before a controller restart, its instance is gone; never start it twice
-            if (pid, run_nr) not in self.runs and not (run_dir(self.data_dir, pid, run_nr) / "run.json").exists():
-                self._start_run(pid, run)
+            if run_nr is not None and (pid, int(run_nr)) not in self.runs \
+                    and not (run_dir(self.data_dir, pid, int(run_nr)) / "run.json").exists():
+                self._start_run(pid, self.hub.run_info(pid))
         elif status != "running":
             for r in active:
                 if status in ("error", "failed", "stopped"):

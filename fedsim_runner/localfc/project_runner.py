@@ -226,6 +226,9 @@ class ProjectRun(threading.Thread):
         """Run one workflow step; returns its output folder (the next step's input)."""
         output = self.folder / f"step{step}" / "output"
         output.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "input" / "config.yml"
+        if step > 1 and config.is_file() and not (step_input / "config.yml").exists():
+            shutil.copy(config, step_input / "config.yml")  # one config.yml serves the whole workflow
         log_file = self._file("logs", step, "txt")
         run = self.run_info
         started = time.monotonic()
