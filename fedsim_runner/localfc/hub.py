@@ -314,6 +314,12 @@ class Hub:
             "JOIN projects p ON p.id = m.project_id LEFT JOIN sites s ON s.user_id = m.user_id "
             "WHERE m.project_id = ? ORDER BY m.user_id != p.owner_id, m.joined, m.user_id", pid)]
 
+    def client_ids(self, pid: int) -> list[str]:
+        """The project's client ids in the order of members(): the coordinator's first."""
+        return [r["client_id"] for r in self.db.all(
+            "SELECT m.client_id FROM members m JOIN projects p ON p.id = m.project_id WHERE m.project_id = ? "
+            "ORDER BY m.user_id != p.owner_id, m.joined, m.user_id", pid)]
+
     def client_id(self, pid: int, user: dict) -> str:
         return self.db.one("SELECT client_id FROM members WHERE project_id = ? AND user_id = ?", pid,
                            user["id"])["client_id"]
@@ -374,8 +380,7 @@ class Hub:
         return {"projectId": pid, "runNr": run_nr, "status": status}
 
     def relay_recipients(self, pid: int, sender: str, destination: str) -> list[str]:
-        members = self.members(pid)
-        clients = [m["client_id"] for m in members]
+        clients = self.client_ids(pid)
         if destination == "all":
             return [cid for cid in clients if cid != sender]
         if destination == "coordinator":
@@ -411,7 +416,7 @@ class Hub:
         c.execute("INSERT OR REPLACE INTO smpc VALUES (?, ?, ?, ?, ?)", (pid, run_nr, key, sender, body.decode()))
         rows = self.db.all("SELECT sender, body FROM smpc WHERE project_id = ? AND run_nr = ? AND memo = ? "
                            "ORDER BY sender", pid, run_nr, key)
-        clients = [m["client_id"] for m in self.members(pid)]
+        clients = self.client_ids(pid)
         if {r["sender"] for r in rows} != set(clients):
             return []
         try:
