@@ -109,6 +109,19 @@ def test_killing_the_popen_stops_the_process_inside(sites):
         assert wait_until(lambda i=inner: not Path(f"/proc/{i[0]}").exists(), 5), f"{stop}: process inside survived"
 
 
+def test_orphans_in_a_site_are_reaped(sites):
+    provider, _ = sites
+    code, _, err = run(provider, "beta", ["sh", "-c", "for i in 1 2 3; do (sleep 0.05 &); done"])
+    assert code == 0, err
+
+    def no_sleep_left() -> bool:
+        out = run(provider, "beta", ["ps", "-eo", "stat=,comm="])[1]
+        assert not [line for line in out.splitlines() if line.startswith("Z")], out  # PID 1 reaps adopted orphans
+        return "sleep 0" not in out and out.count("sleep") <= 1  # only the reaper's own long sleep
+
+    assert wait_until(no_sleep_left, 5)
+
+
 def _listen_in(provider, site, address, port):
     code = (f"import socket; s = socket.create_server(({address!r}, {port})); print('up', flush=True)\n"
             "while True: s.accept()[0].close()")
@@ -239,10 +252,10 @@ def test_ssh_provider_on_namespace_sites(sites, tmp_path):
                          stdout=subprocess.PIPE)
         assert proc.communicate(timeout=30)[0].decode().split() == ["beta", "1", "beta"]
         proc = ssh.popen("alpha", ["sleep", "301"], stdout=subprocess.DEVNULL)
-        assert wait_until(lambda: run(ns, "alpha", ["pgrep", "-x", "sleep"])[0] == 0, 10)
+        assert wait_until(lambda: run(ns, "alpha", ["pgrep", "-u", "alpha", "-x", "sleep"])[0] == 0, 10)
         proc.kill()
         proc.wait(timeout=10)
-        assert wait_until(lambda: run(ns, "alpha", ["pgrep", "-x", "sleep"])[0] == 1, 10), "remote sleep survived"
+        assert wait_until(lambda: run(ns, "alpha", ["pgrep", "-u", "alpha", "-x", "sleep"])[0] == 1, 10), "remote sleep survived"
     finally:
         ssh.down()
     assert not ssh.state_dir.exists()

@@ -1,4 +1,4 @@
-"""PID 1 of a namespace site: builds the site's filesystem view, starts its sshd, then reaps orphans until killed.
+"""PID 1 of a namespace site: builds the site's filesystem view, starts its sshd, then becomes a reaper shell.
 
 Started by the namespace provider as `nsenter --net=/run/netns/<ns> unshare --mount --uts --ipc --pid --fork
 --mount-proc python3 -I -S site_init.py SITE STATE_DIR STATE_ROOT ADDRESS`, i.e. already inside the site's network,
@@ -70,20 +70,9 @@ def wait_for_port(address: str, port: int, proc: subprocess.Popen, timeout: floa
             delay = min(delay * 2, 0.1)
 
 
-def reap_forever() -> None:
-    """PID 1 duties: collect every orphan that exits; SIGTERM ends the site (the kernel kills the rest)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
-    while True:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-        info = signal.sigwaitinfo({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
-        if info.si_signo != signal.SIGCHLD:
-            os._exit(0)
+# PID 1 from then on: a shell that reaps every child (its `wait` collects adopted orphans too) and exits on SIGTERM,
+# which ends the site (the kernel kills the rest); ~0.3 MB instead of this interpreter's ~6 MB.
+REAPER = 'trap "exit 0" TERM INT; while :; do sleep 2147483647 & wait $!; done'
 
 
 def main() -> None:
@@ -101,7 +90,8 @@ def main() -> None:
     print("ready", flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the provider stops reading; later writes must not hit a closed pipe
-    reap_forever()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # an ignored signal would stay ignored across exec
+    os.execv("/bin/sh", ["sh", "-c", REAPER])
 
 
 if __name__ == "__main__":
