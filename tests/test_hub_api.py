@@ -255,6 +255,15 @@ def test_smpc_sums_every_clients_payload_once(hub):
         clients[1].relay_send(pid, run, ids[1], "coordinator", b"not json", memo="sum2", smpc=True)
     assert bad.value.status == 400
 
+    # objects sum key by key; a share of another shape is refused (400) and can be sent again correctly
+    clients[0].relay_send(pid, run, ids[0], "coordinator", b'{"n": 1, "s": [1, 1]}', memo="sum3", smpc=True)
+    clients[1].relay_send(pid, run, ids[1], "coordinator", b'{"n": 2, "s": [2, 2]}', memo="sum3", smpc=True)
+    with pytest.raises(FeatureCloudError) as shape:
+        clients[2].relay_send(pid, run, ids[2], "coordinator", b'{"n": 3, "s": [3]}', memo="sum3", smpc=True)
+    assert shape.value.status == 400 and "shape" in shape.value.message
+    clients[2].relay_send(pid, run, ids[2], "coordinator", b'{"n": 3, "s": [3, 3]}', memo="sum3", smpc=True)
+    assert json.loads(clients[0].relay_receive(pid, run, ids[0], wait=5).body) == {"n": 6, "s": [6, 6]}
+
 
 def test_hub_listens_on_every_given_address(tmp_path):
     port = free_port()
