@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedsim_runner.config import Config
+from fedsim_runner.errors import ConfigError, RunFailed
 
 STATE_FILE = "sites.json"
 
@@ -109,8 +110,6 @@ class Provider(ABC):
         for h in self.handles():
             if h.name == site:
                 return h
-        from fedsim_runner.errors import RunFailed
-
         raise RunFailed(f"site {site}: not up; run `python -m fedsim_runner up --config {self.cfg.path}`")
 
     # ---- state file ------------------------------------------------------------------------------------------------
@@ -133,8 +132,13 @@ class Provider(ABC):
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """One up/down of this project at a time (a second one waits)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.state_dir / ".lock", "w") as f:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = open(self.state_dir / ".lock", "w")  # noqa: SIM115 (closed below, after the body)
+        except OSError as e:
+            raise ConfigError(f"{self.state_dir}: cannot create the sites' state folder ({e.strerror}); "
+                              "set FEDSIM_STATE_DIR to a writable folder") from None
+        with lock as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
