@@ -223,8 +223,8 @@ class NamespaceProvider(Provider):
         net = ipaddress.ip_network(f"{self.subnet.network_address + 4 * slot}/30")
         gateway, address = str(net.network_address + 1), str(net.network_address + 2)
         sdir = self.state_dir / name
-        h = SiteHandle(name=name, user=name, home=sdir / "upper" / "home" / name, home_in_site=f"/home/{name}", address=address, gateway=gateway,
-                       logs=sdir / "logs", port_base=PORT_BASE, ssh_host=address, ssh_port=22, ssh_user="root",
+        h = SiteHandle(name=name, user=name, home=sdir / "upper" / "home" / name, home_in_site=f"/home/{name}",
+                       address=address, gateway=gateway, logs=sdir / "logs", port_base=PORT_BASE, ssh_host=address, ssh_port=22, ssh_user="root",
                        ssh_key=self.key, extra={"slot": slot, "netns": netns, "link": link, "dir": str(sdir)})
         try:
             self._prepare_filesystem(h, sdir)
