@@ -316,3 +316,61 @@ def test_snakemake_summarises_finished_runs(tmp_path):
     lines = (out / "summary.tsv").read_text().splitlines()
     assert len(lines) == 2 and "\tsklearn:wine\tiid\t3\t178\tyes\t" in lines[1]
     assert (out / "summary.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------ the real apps, on localfc's testbed
+
+APPS_PYTHON = REPO / ".venv-apps" / "bin" / "python"
+
+
+def run_on_testbed(tmp_path: Path, slug: str, files: dict[str, dict[str, bytes]]) -> dict[str, Path]:
+    """Every site's files as one client of the real app (engine in .venv-apps); {site: its output folder}."""
+    from fedsim_runner.backoff import wait_until
+    from fedsim_runner.localfc.testbed import Testbed
+    from fedsim_runner.localfc.timing import Timing
+
+    data_dir = (tmp_path / "controller").resolve()
+    for site, site_files in files.items():
+        (data_dir / site).mkdir(parents=True)
+        for name, content in site_files.items():
+            (data_dir / site / name).write_bytes(content)
+    testbed = Testbed(data_dir, Timing.named("fast"), log=lambda *args: None)
+    test_id = testbed.start({"dockerImage": slug, "directories": list(files)})
+    try:
+        status = wait_until(lambda: testbed.info(test_id)["status"] not in ("running", "writing"), timeout=180)
+        assert status, "the testbed run did not finish within 180 s"
+        assert testbed.info(test_id)["status"] == "finished", testbed.logs(test_id, 0, 0)[-20:]
+    finally:
+        testbed.stop_all()
+    return {site: data_dir / "tests" / f"test_{test_id}" / f"client_{i}" / "output" for i, site in enumerate(files)}
+
+
+needs_apps = pytest.mark.skipif(not APPS_PYTHON.exists(), reason="needs the apps environment .venv-apps (`make venv`)")
+
+
+@needs_apps
+@pytest.mark.e2e
+@pytest.mark.parametrize("source,workflow_toml", [
+    ("sklearn:wine", "k = 4"),  # 13 features ≤ 20·k: the app's covariance path
+    ("sklearn:breast_cancer", "k = 1\nvariance = false"),  # 30 features > 20·k: subspace iteration, centring only
+])
+def test_svd_real_app_reproduces_the_centralized_svd(tmp_path, source, workflow_toml):
+    cfg, ds, sp = svd_setup(tmp_path, source=source, split="size-skew", workflow_toml=workflow_toml)
+    outputs = run_on_testbed(tmp_path, svd.APP_SLUG, svd.prepare(cfg, ds, sp))
+    federated = {site: svd.read_result(folder) for site, folder in outputs.items()}
+    result = compare.evaluate("svd", cfg, ds, sp, federated, tmp_path / "run")
+    assert result["passed"] is True, result["angles"]
+    assert result["eigenvalues"]["max_relative_error"] < 1e-8
+    for site in sp:
+        assert result["sites"][site]["projections"]["max_rel_diff"] < 1e-6
+        assert result["sites"][site]["right"]["max_rel_diff"] < 1e-6
+
+
+@needs_apps
+@pytest.mark.e2e
+def test_mean_real_app_gives_the_documented_example(tmp_path):
+    cfg, ds, sp = mean_setup(tmp_path)
+    outputs = run_on_testbed(tmp_path, mean.APP_SLUG, mean.prepare(cfg, ds, sp))
+    federated = {site: mean.read_result(folder) for site, folder in outputs.items()}
+    result = compare.evaluate("mean", cfg, ds, sp, federated, tmp_path / "run")
+    assert result["passed"] is True and round(result["federated"], 4) == 5.3333

@@ -159,9 +159,10 @@ def read_result(output_dir: Path) -> dict[str, Any]:
         for line in log.read_text().splitlines():
             key, _, value = line.partition(":")
             try:
-                result[key.strip()] = float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 continue
+            result[key.strip()] = int(number) if key.strip() == "iterations" else number
     return result
 
 
