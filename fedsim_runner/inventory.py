@@ -121,7 +121,9 @@ def _local_hosts(cfg: Config, handles) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{cfg.path}: site {s.name} is not up; run `python -m fedsim_runner up --config {cfg.path}`")
         if h.ssh_host:  # namespace site: its own sshd
             conn: dict[str, Any] = {"ansible_host": h.ssh_host, "ansible_port": h.ssh_port, "ansible_user": h.ssh_user,
-                                    "ansible_ssh_common_args": _FRESH_HOST_OPTS}
+                                    "ansible_ssh_common_args": _FRESH_HOST_OPTS,
+                                    # the site sees the host's /root: discovery could pick a root-only pyenv shim
+                                    "ansible_python_interpreter": "/usr/bin/python3"}
             if h.ssh_key:
                 conn["ansible_ssh_private_key_file"] = str(h.ssh_key)
         else:  # process site: same machine, same user as FedSim

@@ -276,10 +276,14 @@ def test_inventory_of_namespace_sites_uses_the_sites_own_view(sites, tmp_path):
     hosts = yaml.safe_load(provider.inventory(output=tmp_path / "inventory.yml").read_text())["all"]["children"]["sites"]["hosts"]
     assert {n: (h["ansible_host"], h["ansible_user"], h["fedsim_site_user"], h["fedsim_site_home"], h["fedsim_site_gateway"])
             for n, h in hosts.items()} == {n: (h.address, "root", n, f"/home/{n}", h.gateway) for n, h in handles.items()}
-    key = hosts["alpha"]["ansible_ssh_private_key_file"]
-    r = subprocess.run(["ssh", *SSH_OPTS, "-i", key, f"root@{hosts['alpha']['ansible_host']}", "ls -d /home/alpha"],
-                       capture_output=True, text=True, timeout=30)
-    assert r.stdout.strip() == "/home/alpha", r.stderr
+    assert {h["ansible_python_interpreter"] for h in hosts.values()} == {"/usr/bin/python3"}
+    # Ansible itself: root over ssh, then become the site user
+    r = subprocess.run([str(REPO / ".venv" / "bin" / "ansible"), "-i", str(tmp_path / "inventory.yml"), "sites",
+                        "-m", "ansible.builtin.command", "-a", "id -un", "--become", "--become-user",
+                        "{{ fedsim_site_user }}", "-o"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(line.split()[0] + ":" + line.split()[-1] for line in r.stdout.splitlines() if " | " in line) == [
+        f"{n}:{n}" for n in sorted(handles)]
 
 
 def test_a_site_named_like_a_host_user_is_a_config_error(tmp_path):
