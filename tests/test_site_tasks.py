@@ -126,7 +126,6 @@ MEAN_EXAMPLE = {"site-a": "1,2,3,4,5", "site-b": "7,9,11", "site-c": "2,2,2,4,6,
 
 
 def test_a_whole_mean_run_through_site_tasks_and_the_sites_own_controllers(hub_url, accounts, tmp_path):
-    pytest.importorskip("fedsim_runner.localfc.runtime", reason="the localfc app runtime has not landed")
     ports = {name: free_port() for name in NAMES}
     urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     with _sites(tmp_path, hub_url, accounts, urls) as sites:
@@ -145,13 +144,13 @@ def test_a_whole_mean_run_through_site_tasks_and_the_sites_own_controllers(hub_u
             tokens = cluster.run_on("site-a", site_tasks.create_tokens, pid, 2)
             cluster.run_on_all(site_tasks.join, {"site-b": (tokens[0],), "site-c": (tokens[1],)})
             cluster.run_on("site-a", site_tasks.set_status, pid, "prepare")
-            uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: ("input",) for n in NAMES})
+            uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in NAMES})
             assert uploaded["site-b"]["files"] == ["config.yml", "data.csv"]
             assert cluster.run_on("site-a", site_tasks.wait_for_final_status, pid, 120) == "finished"
             results = cluster.run_on_all(site_tasks.download_results, {n: (pid,) for n in NAMES})
     for name in NAMES:
         zips = [f for f in results[name] if f.endswith(".zip")]
-        assert zips == [f"results_pr{pid}_run1_step0.zip"], results[name].keys()
+        assert zips == [f"results_pr{pid}_run1_step1.zip"], results[name].keys()
         with zipfile.ZipFile(io.BytesIO(results[name][zips[0]])) as z:
             text = z.read(next(n for n in z.namelist() if n.endswith("output.csv"))).decode()
         assert abs(float(text.strip().split(",")[-1]) - 16 / 3) < 1e-9, text
