@@ -165,6 +165,8 @@ def test_a_site_user_cannot_read_another_sites_files(sites):
         assert code != 0 and "s3cret" not in out, path
     code, out, _ = run(provider, "alpha", ["cat", str(dotfile)], user=False)  # not even root of alpha sees the state
     assert code != 0
+    code, out, _ = run(provider, "alpha", ["cat", "/etc/shadow"], user=False)  # no host password is usable in a site
+    assert code == 0 and {line.split(":")[1] for line in out.splitlines()} == {"*"}
 
 
 def test_ssh_login_with_the_project_key(sites):

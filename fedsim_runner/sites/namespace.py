@@ -113,6 +113,14 @@ def _write(path: Path, text: str, mode: int, uid: int = 0, gid: int = 0) -> None
     os.chmod(path, mode)
 
 
+def _without_password(entry: str) -> str:
+    """A shadow/gshadow line with its password field set to '*' (no password can match; key login still works)."""
+    fields = entry.split(":")
+    if len(fields) > 1:
+        fields[1] = "*"
+    return ":".join(fields)
+
+
 class SitePopen(subprocess.Popen):
     """The `nsenter` of a site process. Signals go to the process inside (nsenter forwards none); SIGKILL also ends
     nsenter, and the process inside dies with it (its parent-death signal)."""
@@ -259,6 +267,8 @@ class NamespaceProvider(Provider):
             ("gshadow", f"{user}:!::", 0o640, Path("/etc/gshadow").stat().st_gid),
         ):
             text = Path("/etc", fname).read_text()
+            if fname in ("shadow", "gshadow"):  # no host password works in a site: `su` cannot lead to host root
+                text = "".join(_without_password(entry) + "\n" for entry in text.splitlines() if entry)
             _write(etc / fname, text + ("" if text.endswith("\n") else "\n") + line + "\n", mode, 0, group)
         _write(etc / "hostname", f"{h.name}\n", 0o644)
         _write(etc / "hosts", f"127.0.0.1\tlocalhost\n{h.address}\t{h.name}\n{h.gateway}\torchestrator\n", 0o644)
@@ -319,7 +329,7 @@ class NamespaceProvider(Provider):
         name, home = (h.user, f"/home/{h.user}") if user else ("root", "/root")
         full_env = {"PATH": USER_PATH if user else ROOT_PATH, "HOME": home, "USER": name, **(env or {})}
         cmd = ["nsenter", "-t", str(h.extra["init_pid"]), "-m", "-u", "-i", "-n", "-p", "--",
-               "setpriv", "--pdeathsig", "KILL"]
+               "setpriv", "--pdeathsig", "KILL", "--no-new-privs"]  # no setuid way out of the site user
         if user:
             cmd += ["--reuid", name, "--regid", name, "--init-groups"]
         cmd += ["--", "env", "-i", "-C", cwd or home, "--", *(f"{k}={v}" for k, v in full_env.items()), *argv]
