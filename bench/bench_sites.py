@@ -77,7 +77,8 @@ def measure(folder: Path, n: int, isolation: str) -> dict:
 
 
 def main() -> None:
-    results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release()}, "namespace": {}, "process": {}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "load_at_start": os.getloadavg()[0]},
+                     "namespace": {}, "process": {}}
     with tempfile.TemporaryDirectory() as tmp:
         kinds = ["namespace", "process"] if namespace_supported() else ["process"]
         if "namespace" not in kinds:

@@ -322,3 +322,16 @@ def test_a_changed_subnet_moves_the_sites(tmp_path):
     finally:
         provider.down()
     assert _leftovers("fstest-move", "10.221.128.0/17", []) == []
+
+
+def test_down_can_keep_the_logs(tmp_path):
+    path = project_file(tmp_path, "fstest-logs", "10.221.128.0/17", sites=("one",))
+    provider = get_provider(load_config(path))
+    h = provider.up()[0]
+    assert provider.popen("one", ["echo", "kept"]).wait(timeout=30) == 0
+    provider.down(keep_logs=True)
+    assert (h.logs / "echo.log").read_text() == "kept\n"
+    assert not h.home.exists() and provider.handles() == []
+    assert [f for f in _leftovers("fstest-logs", "10.221.128.0/17", []) if not f.startswith("state")] == []
+    provider.down()
+    assert _leftovers("fstest-logs", "10.221.128.0/17", []) == []
