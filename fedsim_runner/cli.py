@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         s = sub.add_parser(name, help=text)
         s.add_argument("--config", type=Path, required=True)
+        if name == "down":
+            s.add_argument("--keep-logs", action="store_true", help="keep the sites' log folders")
         s.set_defaults(func=_sites)
 
     h = sub.add_parser("hub", help="run the localfc hub (offline featurecloud.ai: REST API, web GUI, relay)")

@@ -64,7 +64,7 @@ def command(name: str, args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     provider = get_provider(cfg)
     if name == "down":
-        provider.down()
+        provider.down(keep_logs=args.keep_logs)
         console.print(f"sites of {escape(cfg.project.name)} removed ({provider.kind})", highlight=False)
         return 0
     if name == "up":
