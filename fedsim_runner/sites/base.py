@@ -84,8 +84,8 @@ class Provider(ABC):
         """Create every site of the project that is not up yet (in parallel where possible) and return all handles."""
 
     @abstractmethod
-    def down(self) -> None:
-        """Stop and remove every site of the project; nothing of it remains afterwards."""
+    def down(self, keep_logs: bool = False) -> None:
+        """Stop and remove every site of the project; nothing of it remains afterwards (but the logs if asked)."""
 
     @abstractmethod
     def popen(self, site: str | SiteHandle, argv: Sequence[str], env: Mapping[str, str] | None = None,
