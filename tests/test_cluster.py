@@ -159,7 +159,7 @@ workflow = "mean"
 [provider]
 kind = "local"
 isolation = "namespace"
-subnet = "10.223.0.0/16"
+subnet = "10.223.0.0/17"
 
 [[sites]]
 name = "ca"

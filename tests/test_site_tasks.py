@@ -19,44 +19,50 @@ import pytest
 from fedsim_runner import site_tasks
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.cluster import Cluster
+from fedsim_runner.config import parse_config
 from fedsim_runner.errors import RunFailed
 from fedsim_runner.featurecloud.api import FeatureCloudClient
-from tests.conftest import free_port
-from tests.process_sites import process_sites
+from fedsim_runner.sites import get_provider
+from tests.conftest import free_port, needs_root
+from tests.process_sites import process_sites, write_dotfile
 
 pytestmark = pytest.mark.e2e
 
 NAMES = ["site-a", "site-b", "site-c"]  # site-a coordinates
 
 
-@pytest.fixture
-def hub_url(tmp_path: Path):
+@contextlib.contextmanager
+def _hub(folder: Path, hosts: list[str]):
+    """A hub process listening on `hosts` (loopback, and the sites' gateways for namespace sites); yields its port."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "hub.log", "ab") as out:
+    with open(folder / "hub.log", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedsim_runner", "hub", "--host", "127.0.0.1", "--port", str(port),
-             "--db", str(tmp_path / "hub.sqlite3")], stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "fedsim_runner", "hub", *(a for h in hosts for a in ("--host", h)),
+             "--port", str(port), "--db", str(folder / "hub.sqlite3")], stdout=out, stderr=subprocess.STDOUT,
         )
 
     def up() -> bool:
-        assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+        assert proc.poll() is None, (folder / "hub.log").read_text()
         try:
-            return httpx.get(f"{url}/api/apps/", timeout=2).status_code == 200
+            return httpx.get(f"http://127.0.0.1:{port}/api/apps/", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
     try:
         assert wait_until(up, 60), "hub did not start"
-        yield url
+        yield port
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
 @pytest.fixture
-def accounts(hub_url: str) -> dict[str, tuple[str, str]]:
-    """One FeatureCloud account per site on the hub: {site: (e-mail, password)} (the operator's credentials file)."""
+def hub_url(tmp_path: Path):
+    with _hub(tmp_path, ["127.0.0.1"]) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def _signup(hub_url: str) -> dict[str, tuple[str, str]]:
     found = {}
     with FeatureCloudClient(hub_url) as client:
         for name in NAMES:
@@ -64,6 +70,12 @@ def accounts(hub_url: str) -> dict[str, tuple[str, str]]:
             client.signup(email, password, name, "site")
             found[name] = (email, password)
     return found
+
+
+@pytest.fixture
+def accounts(hub_url: str) -> dict[str, tuple[str, str]]:
+    """One FeatureCloud account per site on the hub: {site: (e-mail, password)} (the operator's credentials file)."""
+    return _signup(hub_url)
 
 
 @contextlib.contextmanager
@@ -140,18 +152,72 @@ def test_a_whole_mean_run_through_site_tasks_and_the_sites_own_controllers(hub_u
                 "controller", "--site", name, "--hub", hub_url, "--host", "127.0.0.1", "--port", str(ports[name]),
                 "--data-dir", str(sites.by_name[name].home / "controller"), "--timing", "fast"])
         with Cluster(None, sites.handles, sites.provider, log_dir=tmp_path / "dask") as cluster:
-            pid = cluster.run_on("site-a", site_tasks.create_project, "fedsim-mean", "mean-app")
-            tokens = cluster.run_on("site-a", site_tasks.create_tokens, pid, 2)
-            cluster.run_on_all(site_tasks.join, {"site-b": (tokens[0],), "site-c": (tokens[1],)})
-            cluster.run_on("site-a", site_tasks.set_status, pid, "prepare")
-            uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in NAMES})
-            assert uploaded["site-b"]["files"] == ["config.yml", "data.csv"]
-            assert cluster.run_on("site-a", site_tasks.wait_for_final_status, pid, 120) == "finished"
-            results = cluster.run_on_all(site_tasks.download_results, {n: (pid,) for n in NAMES})
+            pid, results = _mean_run(cluster)
+    _check_mean(pid, results)
+    _holds_no_password(accounts, {n: sorted(r) for n, r in results.items()}, folder=tmp_path / "dask")
+
+
+def _mean_run(cluster: Cluster) -> tuple[int, dict]:
+    """DESIGN §4 step 4 as the orchestrator drives it: coordinator site-a, participants in parallel."""
+    pid = cluster.run_on("site-a", site_tasks.create_project, "fedsim-mean", "mean-app")
+    tokens = cluster.run_on("site-a", site_tasks.create_tokens, pid, 2)
+    cluster.run_on_all(site_tasks.join, {"site-b": (tokens[0],), "site-c": (tokens[1],)})
+    cluster.run_on("site-a", site_tasks.set_status, pid, "prepare")
+    uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in NAMES})
+    assert uploaded["site-b"]["files"] == ["config.yml", "data.csv"]
+    assert cluster.run_on("site-a", site_tasks.wait_for_final_status, pid, 120) == "finished"
+    return pid, cluster.run_on_all(site_tasks.download_results, {n: (pid,) for n in NAMES})
+
+
+def _check_mean(pid: int, results: dict) -> None:
     for name in NAMES:
         zips = [f for f in results[name] if f.endswith(".zip")]
         assert zips == [f"results_pr{pid}_run1_step1.zip"], results[name].keys()
         with zipfile.ZipFile(io.BytesIO(results[name][zips[0]])) as z:
             text = z.read(next(n for n in z.namelist() if n.endswith("output.csv"))).decode()
         assert abs(float(text.strip().split(",")[-1]) - 16 / 3) < 1e-9, text
-    _holds_no_password(accounts, {n: sorted(r) for n, r in results.items()}, folder=tmp_path / "dask")
+
+
+NAMESPACE_PROJECT = """
+[project]
+name = "fedsim-test-tasks"
+workflow = "mean"
+
+[provider]
+kind = "local"
+isolation = "namespace"
+subnet = "10.223.128.0/17"
+""" + "".join(f'[[sites]]\nname = "{n}"\nfc_user = "{n}@fedsim.test"\ncoordinator = {str(n == NAMES[0]).lower()}\n'
+              for n in NAMES)
+
+
+def _site_shell(provider, site: str, script: str, stdin: bytes = b"") -> None:
+    proc = provider.popen(site, ["sh", "-c", script], {}, stdin=subprocess.PIPE)
+    proc.communicate(stdin, timeout=30)
+    assert proc.returncode == 0, script
+
+
+@needs_root
+def test_a_whole_mean_run_across_namespace_sites(tmp_path):
+    provider = get_provider(parse_config(NAMESPACE_PROJECT, tmp_path / "project.toml"))
+    try:
+        handles = {h.name: h for h in provider.up()}
+        with _hub(tmp_path, ["127.0.0.1", *sorted({h.gateway for h in handles.values()})]) as port:
+            accounts = _signup(f"http://127.0.0.1:{port}")
+            for name, h in handles.items():
+                hub = f"http://{h.gateway}:{port}"
+                write_dotfile(provider, name, {"FC_USERNAME": accounts[name][0], "FC_PASSWORD": accounts[name][1],
+                                               "FC_BASE_URL": hub, "FC_CONTROLLER_URL": f"http://{h.address}:{h.port_base}"})
+                _site_shell(provider, name, "mkdir -p ~/input && cat > ~/input/data.csv",
+                            (MEAN_EXAMPLE[name] + "\n").encode())
+                _site_shell(provider, name, "cat > ~/input/config.yml",
+                            b"fc_mean:\n  input_name: data.csv\n  output_name: output.csv\n")
+                provider.popen(name, ["sh", "-c", f'exec {sys.executable} -m fedsim_runner.site_env -- {sys.executable} '
+                                      f'-m fedsim_runner controller --site {name} --hub {hub} --host {h.address} '
+                                      f'--port {h.port_base} --data-dir "$HOME/controller" --timing fast'], {})
+            with Cluster(None, handles.values(), provider, log_dir=tmp_path / "dask") as cluster:
+                pid, results = _mean_run(cluster)
+        _check_mean(pid, results)
+        _holds_no_password(accounts, {n: sorted(r) for n, r in results.items()}, folder=tmp_path / "dask")
+    finally:
+        provider.down()
