@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedsim_runner.backoff import delays, wait_until
 from fedsim_runner.errors import RunFailed
-from fedsim_runner.featurecloud.api import FeatureCloudClient
+from fedsim_runner.featurecloud.api import FeatureCloudClient, FeatureCloudError
 from fedsim_runner.featurecloud.controller_client import ControllerClient
 
 FINAL_STATUSES = ("finished", "error", "failed", "stopped")
@@ -166,10 +166,14 @@ def wait_for_final_status(project_id: int, timeout: float, poll_cap: float = 2.0
             return status
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            client.set_project_status(project_id, "shutdown")
+            try:
+                client.set_project_status(project_id, "shutdown")
+                done = "FedSim shut it down"
+            except FeatureCloudError as e:  # the timeout is the news; a refused shutdown must not hide it
+                done = f"shutting it down failed too ({e})"
             raise RunFailed(
-                f"site {_site()}: project {project_id} still {status!r} after {timeout:.0f} s; FedSim shut it "
-                "down (raise project.timeout if the app needs longer)"
+                f"site {_site()}: project {project_id} still {status!r} after {timeout:.0f} s; {done} "
+                "(raise project.timeout if the app needs longer)"
             )
         time.sleep(min(next(pauses), remaining))
 
