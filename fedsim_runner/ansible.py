@@ -49,6 +49,18 @@ def _playbook_path(playbook: str | Path) -> Path:
     raise ConfigError(f"playbook {playbook}: not found; use one of {', '.join(sorted(q.name for q in PLAYBOOKS.glob('*.yml')))}")
 
 
+def _failure_text(res: dict) -> str:
+    """What a failed result says: a loop's failed items' messages, a command's last stderr line, else its msg."""
+    items = [r for r in res.get("results") or [] if isinstance(r, dict) and r.get("failed")]
+    if items:
+        return "; ".join(_failure_text(r) for r in items)
+    msg = res.get("msg") or res.get("reason") or "failed"
+    if isinstance(msg, list):
+        msg = "; ".join(map(str, msg))
+    stderr = (res.get("stderr") or "").strip().splitlines()
+    return f"{msg}: {stderr[-1]}" if stderr else str(msg)
+
+
 class _Events:
     """ansible-runner's event stream → counts per host, the log, the progress display, and the first failure."""
 
@@ -105,11 +117,7 @@ class _Events:
             if kind == "runner_on_ok":
                 self.log.debug("ansible %s: %s: %s%s", self.name, host, task, " (changed)" if changed else "")
         elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
-            res = data.get("res") or {}
-            msg = res.get("msg") or res.get("stderr") or res.get("reason") or "failed"
-            if isinstance(msg, list):
-                msg = "; ".join(map(str, msg))
-            msg = self.redact(" ".join(str(msg).split()))
+            msg = self.redact(" ".join(_failure_text(data.get("res") or {}).split()))
             what = "unreachable" if kind == "runner_on_unreachable" else "failed"
             self.log.error("ansible %s: %s: task '%s' %s: %s", self.name, host, task, what, msg)
             if self.failure is None:
@@ -152,7 +160,6 @@ def run_playbook(playbook: str | Path, inventory: str | Path, extravars: Mapping
             "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
             "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"),
             "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
             # the venv's ansible-playbook and its python first
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
@@ -170,7 +177,7 @@ def run_playbook(playbook: str | Path, inventory: str | Path, extravars: Mapping
         if runner.status != "successful" or runner.rc != 0:
             if events.failure:
                 host, task, msg = events.failure
-                raise RunFailed(f"site {host}: {name} failed at task '{task}': {msg}")
+                raise RunFailed(f"{name} failed on {host} at task '{task}': {msg}")
             raise RunFailed(f"{name}: ansible-playbook ended with status {runner.status} (rc {runner.rc}); see fedsim.log")
         return stats
     finally:
