@@ -176,12 +176,16 @@ def run_once(n_sites: int, root: Path) -> dict:
 
 
 def main() -> None:
-    results = []
-    for n in SITES:
+    """`bench_localfc.py [N ...]`: only these site counts, replacing their rows in the results file."""
+    counts = [int(a) for a in sys.argv[1:]] or SITES
+    previous = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() and sys.argv[1:] else []
+    results = [r for r in previous if r["sites"] not in counts]
+    for n in counts:
         with tempfile.TemporaryDirectory(prefix=f"bench-localfc-{n}-") as tmp:
             row = run_once(n, Path(tmp))
         print(json.dumps(row), flush=True)
         results.append(row)
+    results.sort(key=lambda r: r["sites"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "localfc federated SVD, iterative path, fast timing",
                                    "machine_cpus": os.cpu_count(), "runs": results}, indent=2))

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from fedsim_runner.localfc.hub_link import HubLink, HubRefused
 from fedsim_runner.localfc.project_runner import ProjectRun, run_dir
 from fedsim_runner.localfc.testbed import Testbed, TestbedError
 from fedsim_runner.localfc.timing import Timing
+
+FINISH_GRACE = 60.0  # s a participant's instance may run on after the coordinator finished the project
 
 
 class ControllerLog:
@@ -66,6 +69,7 @@ class Controller:
         self.log = ControllerLog()
         self.runs: dict[tuple[int, int], ProjectRun] = {}
         self.testbed = Testbed(data_dir, timing, self.log)
+        self._finished_seen: dict[int, float] = {}
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_hub, name="hub-watch", daemon=True)
 
@@ -116,7 +120,11 @@ class Controller:
             for r in active:
                 if status in ("error", "failed", "stopped"):
                     r.stop(f"project {pid} is {status} at the hub")
-                # finished: the coordinator is done; this site's instance finishes on its own
+                elif status == "finished":  # the coordinator is done: this site's instance gets a grace period
+                    since = self._finished_seen.setdefault(pid, time.monotonic())
+                    if time.monotonic() - since > FINISH_GRACE:
+                        r.stop(f"project {pid} finished at the hub but this site's app did not end within "
+                               f"{FINISH_GRACE:.0f} s")
 
     def _start_run(self, pid: int, run: dict) -> None:
         run_nr = int(run["runNr"])

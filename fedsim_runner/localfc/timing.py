@@ -26,6 +26,6 @@ class Timing:
 TIMINGS = {
     # FeatureCloud's CLI polls an app every 2 s; the engine waits 1 s between states and 10 s + 10 s at the end
     "realistic": Timing("realistic", query_interval=2.0, first_poll=2.0, hub_poll=2.0, relay_wait=10.0, engine_waits={}),
-    "fast": Timing("fast", query_interval=0.1, first_poll=0.005, hub_poll=0.2, relay_wait=5.0,
+    "fast": Timing("fast", query_interval=0.1, first_poll=0.005, hub_poll=0.5, relay_wait=5.0,
                    engine_waits={"TRANSITION_WAIT": 0.01, "TERMINAL_WAIT": 0.2, "DATA_POLL_INTERVAL": 0.01}),
 }
