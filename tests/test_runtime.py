@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedsim_runner.errors import ConfigError
 from fedsim_runner.localfc.project_runner import AppFailed, drive
 from fedsim_runner.localfc.runtime import start_instance
 from fedsim_runner.localfc.testbed import LocalRelay
@@ -120,3 +121,13 @@ def test_third_party_app_reads_mnt_input_in_its_own_mount_namespace(tmp_path):
     assert outcome == ["finished"] * 3
     assert [(out / "total.txt").read_text() for out in outputs] == ["313"] * 3
     assert not Path("/mnt/output/total.txt").exists(), "the app wrote into the host's /mnt/output"
+
+
+def test_app_needing_a_package_the_apps_python_lacks_is_a_clear_config_error(tmp_path):
+    app = tmp_path / "needy_app"
+    app.mkdir()
+    (app / "states.py").write_text("")
+    (app / "requirements.txt").write_text("pyyaml\nno-such-package-fedsim>=1.0  # not installed\n")
+    with pytest.raises(ConfigError, match="needs no-such-package-fedsim, missing from the apps' Python"):
+        start_instance(app, tmp_path, tmp_path, tmp_path / "app.log", FAST.engine_waits)
+    assert not (tmp_path / "app.log").exists()  # refused before any process started

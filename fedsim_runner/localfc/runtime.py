@@ -7,8 +7,10 @@ FEDSIM_INPUT_DIR / FEDSIM_OUTPUT_DIR (FedSim's apps honour them). Stopping kills
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +32,42 @@ def apps_python() -> Path:
     if not python.exists():
         raise ConfigError(f"the apps' Python {python} does not exist; run `make venv` or set FEDSIM_APPS_PYTHON")
     return python
+
+
+# Asks the apps' Python which of the named distributions it lacks (names on argv, missing ones printed as JSON).
+_MISSING_PROBE = """import json, sys
+from importlib.metadata import PackageNotFoundError, distribution
+missing = []
+for name in sys.argv[1:]:
+    try:
+        distribution(name)
+    except PackageNotFoundError:
+        missing.append(name)
+print(json.dumps(missing))
+"""
+_checked: set[str] = set()  # requirements hashes already found satisfied (checked once per controller process)
+
+
+def check_requirements(app_dir: Path) -> None:
+    """ConfigError naming the packages of the app's requirements.txt that the apps' Python lacks.
+
+    Apps run in the shared apps environment; one that needs more gets a clear error instead of an ImportError at run
+    time (the fix: add the packages to apps/requirements.txt, or install them into that environment).
+    """
+    path = app_dir / "requirements.txt"
+    text = path.read_text() if path.exists() else ""
+    names = [m.group(0) for line in text.splitlines()
+             if (m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line.split("#", 1)[0].strip()))]
+    key = hashlib.sha256(f"{apps_python()}\n{text}".encode()).hexdigest()
+    if not names or key in _checked:
+        return
+    probe = subprocess.run([str(apps_python()), "-c", _MISSING_PROBE, *names], capture_output=True, text=True,
+                           timeout=60)
+    missing = json.loads(probe.stdout or "[]") if probe.returncode == 0 else names
+    if missing:
+        raise ConfigError(f"{path} needs {', '.join(missing)}, missing from the apps' Python {apps_python()}; add "
+                          "them to apps/requirements.txt and run `make venv` (or pip install them into that venv)")
+    _checked.add(key)
 
 
 def _free_port() -> int:
@@ -69,6 +107,7 @@ def _answers(url: str, process: subprocess.Popen, log_file: Path) -> bool:
 def start_instance(app_dir: Path, input_dir: Path, output_dir: Path, log_file: Path,
                    engine_waits: dict) -> AppInstance:
     """Start the app in `app_dir` and wait until its API answers."""
+    check_requirements(app_dir)
     port = _free_port()
     argv = [str(apps_python()), str(APP_HOST), str(app_dir), str(port), json.dumps(engine_waits)]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "HOME": str(output_dir),
