@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--platform", choices=["local", "featurecloud"], help="localfc or featurecloud.ai")
         w.add_argument("--timing", choices=["fast", "realistic"], help="engine waits and query interval")
         w.add_argument("--outdir", type=Path, help="parent folder of the run directory")
-        w.add_argument("--keep", action="store_true", help="leave sites and services running after the run")
+        w.add_argument("--keep", action="store_true", help="leave the sites up after the run (remove them with `down`); hub, controllers and workers always stop")
         w.set_defaults(func=_workflow)
 
     i = sub.add_parser("init", help="print a commented project file template")

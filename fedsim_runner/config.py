@@ -471,19 +471,35 @@ def load_credentials(cfg: Config, path: Path | None = None) -> dict[str, str]:
     return {s.fc_user: values[s.fc_user] for s in cfg.sites}
 
 
+_OWN_CREDENTIALS_HEADER = "# created by FedSim for the localfc accounts of the project's sites; <fc_user>=<password> per line\n"
+
+
 def ensure_local_credentials(cfg: Config) -> Path:
     """The operator credentials file, created with random passwords when the sites' accounts are FedSim's own.
 
-    On platform = "local" the localfc hub signs the accounts up itself, so a fresh machine needs no hand-made file: the
-    file is created (mode 0600) with a strong password per site ONLY when it does not exist. An existing file is never
-    touched; a site missing from it stays an error (load_credentials).
+    On platform = "local" the sites sign their localfc accounts up themselves, so a fresh machine needs no hand-made
+    file: the file is created (mode 0600) with a strong password per site when it does not exist, and a file FedSim
+    created (its first line says so) gets a line for each site it lacks (e.g. after `--sites 8`). A file the operator
+    wrote is never touched; a site missing from it stays an error (load_credentials).
     """
     path = credentials_path(cfg)
-    if path.exists() or cfg.project.platform != "local":
+    if cfg.project.platform != "local":
+        return path
+    if path.exists():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            return path  # load_credentials says what is wrong with it
+        if not text.startswith(_OWN_CREDENTIALS_HEADER):
+            return path
+        known = read_credentials_file(path)
+        missing = "".join(f"{s.fc_user}={secrets.token_urlsafe(24)}\n" for s in cfg.sites if s.fc_user not in known)
+        if missing:
+            with open(path, "a") as f:
+                f.write(("" if text.endswith("\n") else "\n") + missing)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(f"{s.fc_user}={secrets.token_urlsafe(24)}\n" for s in cfg.sites)
-    header = "# created by FedSim for the localfc accounts of the project's sites; <fc_user>=<password> per line\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # created meanwhile by another run: theirs stays
@@ -491,5 +507,5 @@ def ensure_local_credentials(cfg: Config) -> Path:
     except OSError as e:
         raise ConfigError(f"{path}: cannot create the credentials file ({e.strerror}); set project.credentials") from None
     with os.fdopen(fd, "w") as f:
-        f.write(header + lines)
+        f.write(_OWN_CREDENTIALS_HEADER + lines)
     return path

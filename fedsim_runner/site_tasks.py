@@ -71,6 +71,19 @@ def login() -> dict:
     return {"site": _site(), "user": _env("FC_USERNAME")}
 
 
+def ensure_account(signup: bool = False) -> dict:
+    """Log in with the site's own account; with `signup` (localfc, whose accounts are FedSim's own) the site first
+    creates its account on the hub when it does not exist yet. {site, user}."""
+    if signup:
+        with FeatureCloudClient(_env("FC_BASE_URL")) as client:
+            try:
+                client.signup(_env("FC_USERNAME"), _env("FC_PASSWORD"), _site(), "site")
+            except FeatureCloudError as e:
+                if e.status != 409:  # 409: the account exists (an earlier run on the same hub)
+                    raise
+    return login()
+
+
 def ensure_app(app_slug: str) -> int:
     """The app's id, after adding it to this account's library when it is not there yet."""
     client = _platform()
