@@ -6,8 +6,9 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 APPS_VENV := .venv-apps
 PY := $(VENV)/bin/python
+# vagrant-libvirt: `vagrant validate` needs a usable provider (the Vagrantfile defaults to libvirt)
 DEB_PACKAGES := python3-venv python3-dev chromium openssh-server openssh-client iproute2 procps util-linux \
-                docker.io vagrant rsync sudo git
+                docker.io vagrant vagrant-libvirt rsync sudo git
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: demo test test-fast lint bench system venv clean help

@@ -128,8 +128,9 @@ def _local_hosts(cfg: Config, handles) -> dict[str, dict[str, Any]]:
                 conn["ansible_ssh_private_key_file"] = str(h.ssh_key)
         else:  # process site: same machine, same user as FedSim
             conn = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-        facts = {**_site_facts(cfg, s), "fedsim_site_address": h.address, "fedsim_site_user": h.user,
-                 "fedsim_fc_controller_port": h.port_base}  # the site's controller listens on its first port
+        facts = {**_site_facts(cfg, s), "fedsim_site_address": h.address, "fedsim_site_user": h.user}
+        if getattr(h, "port_base", None):  # the site's controller listens on the site's first port
+            facts["fedsim_fc_controller_port"] = h.port_base
         for attr in ("home", "gateway"):
             if getattr(h, attr, None) is not None:
                 facts[f"fedsim_site_{attr}"] = str(getattr(h, attr))
