@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,17 @@ def _secret_values(obj: Any) -> Iterable[str]:
             yield from _secret_values(v)
     elif obj is not None and str(obj):
         yield str(obj)
+
+
+@contextmanager
+def _restored(handlers: Mapping[int, Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)
 
 
 def _playbook_path(playbook: str | Path) -> Path:
@@ -165,12 +179,17 @@ def run_playbook(playbook: str | Path, inventory: str | Path, extravars: Mapping
         }
         name = path.stem
         logger.info("ansible %s: starting (inventory %s)", name, inventory)
-        with _Events(name, logger, progress, values) as events:
+        # ansible-runner swaps in SIGINT/SIGTERM handlers that only cancel the playbook and never puts ours back:
+        # restore them, and turn a cancelled playbook into the interrupt it was
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        with _Events(name, logger, progress, values) as events, _restored(handlers):
             runner = ansible_runner.run(
                 private_data_dir=str(private), playbook=str(path), inventory=str(inventory.resolve()),
                 extravars=dict(extravars or {}), cmdline=" ".join(cmdline) or None, envvars=env, limit=limit,
                 project_dir=str(REPO_ROOT), quiet=True, event_handler=events, suppress_env_files=True,
             )
+        if runner.status == "canceled":
+            raise KeyboardInterrupt(f"{name}: ansible-playbook cancelled by a signal")
         stats = runner.stats or {}
         changed = sum((stats.get("changed") or {}).values())
         logger.info("ansible %s: %s (rc %s, %d changed)", name, runner.status, runner.rc, changed)

@@ -137,8 +137,7 @@ def run_workflow(workflow: str, args: argparse.Namespace) -> int:
     ensure_local_credentials(cfg)
     credentials = load_credentials(cfg)
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
-    try:
+    with _Interruptible() as interrupt:
         with RunDir.create(cfg.outdir, workflow) as run, RunProgress(PHASES, names, console) as progress:
             run.add_secrets(credentials.values())
             run.write_text("config.toml", resolved_config_text(cfg))
@@ -149,23 +148,46 @@ def run_workflow(workflow: str, args: argparse.Namespace) -> int:
                     target.write_bytes(content)
             console.print(f"run directory {run.path}", highlight=False, soft_wrap=True)
             runner = Run(cfg, workflow, run, progress, credentials, keep_sites=bool(getattr(args, "keep", False)))
-            comparison = runner.execute(dataset, split)
+            try:
+                comparison = runner.execute(dataset, split)
+            except RunFailed as e:  # what broke because of the interrupt (a service stopping) is not the news
+                if interrupt.received:
+                    raise KeyboardInterrupt(f"signal {interrupt.received}") from e
+                raise
             run.add_metric("passed", bool(comparison.get("passed")))
             report.write_report(run.path, comparison, run.metrics, cfg)
             progress.finish("done" if comparison.get("passed") else "comparison failed")
-        console.print(report.summary_table(comparison))
-        console.print(f"report: {run.path / 'report.html'}", highlight=False, soft_wrap=True)
-        if not comparison.get("passed"):
-            console.print("[red]the federated result does not reproduce the centralized one[/red] "
-                          "(see comparison.json)", highlight=False)
-            return 1
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    console.print(report.summary_table(comparison))
+    console.print(f"report: {run.path / 'report.html'}", highlight=False, soft_wrap=True)
+    if not comparison.get("passed"):
+        console.print("[red]the federated result does not reproduce the centralized one[/red] "
+                      "(see comparison.json)", highlight=False)
+        return 1
+    return 0
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _Interruptible:
+    """Ctrl-C and SIGTERM (`kill`) end the run as KeyboardInterrupt: the first one starts the clean-up, later ones
+    are only logged, so that the clean-up itself is never cut short (nothing may be left behind)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            raise KeyboardInterrupt(f"signal {signum}")
+        console.print("[yellow]stopping everything the run started, please wait[/yellow]")
+
+    def __enter__(self) -> _Interruptible:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Run:
@@ -298,8 +320,12 @@ class Run:
             uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in self.names})
             self.run.add_metric("uploaded_bytes", {s: u["bytes"] for s, u in uploaded.items()})
         with self.phase("run"):
+            # every site watches the project (as each participant does on FeatureCloud): a site whose worker dies
+            # is named at once instead of when the run is over; the coordinator's view decides
             timeout = self.cfg.project.timeout
-            status = cluster.run_on(coord, site_tasks.wait_for_final_status, pid, timeout, timeout=timeout + 60)
+            statuses = cluster.run_on_all(site_tasks.wait_for_final_status, {n: (pid, timeout) for n in self.names},
+                                          timeout=timeout + 60)
+            status = statuses[coord]
             self.log.info("project %d ended %s", pid, status)
             self.run.add_metric("project_status", status)
         with self.phase("download"):

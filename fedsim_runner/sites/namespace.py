@@ -334,6 +334,9 @@ class NamespaceProvider(Provider):
             cmd += ["--reuid", name, "--regid", name, "--init-groups"]
         cmd += ["--", "env", "-i", "-C", cwd or home, "--", *(f"{k}={v}" for k, v in full_env.items()), *argv]
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+        # a site is another machine: a Ctrl-C in the operator's terminal reaches the orchestrator, which stops the
+        # site's processes itself, in order
+        popen_kwargs.setdefault("start_new_session", True)
         if "stdout" in popen_kwargs:
             return SitePopen(cmd, env={}, **popen_kwargs)
         with open(h.logs / f"{log_label(argv)}.log", "ab") as out:
