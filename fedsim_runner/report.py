@@ -281,7 +281,9 @@ def _context(run_dir: Path, comparison: dict, metrics: dict, cfg) -> dict[str, A
         ("platform", getattr(project, "platform", "?")),
         ("timing", getattr(project, "timing", "?")),
         ("sites", ", ".join(s.name for s in getattr(cfg, "sites", []))),
-        ("provider", f"{getattr(provider, 'kind', '?')} ({getattr(provider, 'isolation', '-')})"),
+        # the isolation the sites really had (auto resolves at run time), else what the file asked for
+        ("provider", f"{getattr(provider, 'kind', '?')} "
+                     f"({(metrics or {}).get('isolation') or getattr(provider, 'isolation', '-')})"),
         ("seed", getattr(project, "seed", "?")),
     ]
     ds = comparison.get("dataset")
