@@ -255,12 +255,18 @@ class Cluster:
 
     def connected_sites(self) -> set[str]:
         """Names of the site workers connected to the scheduler right now."""
-        info = self.client.scheduler_info(n_workers=-1)
-        return {str(w.get("name")) for w in info["workers"].values()}
+        return set(self._workers().values())
+
+    def _workers(self) -> dict[str, str]:
+        """{worker address: site name}, asked of the scheduler itself: Client.scheduler_info() returns a cache that
+        the client's periodic refresh (which fetches no workers) may overwrite between the fetch and the read, and
+        live sites then looked gone."""
+        info = self.client.sync(self.client.scheduler.identity, n_workers=-1)
+        return {addr: str(w.get("name")) for addr, w in info["workers"].items()}
 
     def _check_versions(self) -> None:
         versions = self.client.get_versions(check=False)
-        names = {addr: str(w.get("name")) for addr, w in self.client.scheduler_info(n_workers=-1)["workers"].items()}
+        names = self._workers()
         ours = versions["client"]["packages"]
         others = {"scheduler": versions["scheduler"]["packages"]}
         others.update({f"site {names.get(a, a)}": v["packages"] for a, v in versions["workers"].items()})

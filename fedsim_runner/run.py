@@ -129,7 +129,10 @@ def run_workflow(workflow: str, args: argparse.Namespace) -> int:
     """`python -m fedsim_runner <workflow>`: 0 when the federated result reproduces the centralized one, else 1."""
     cfg = resolve_config(workflow, args)
     wf = workflows.load(workflow)
-    wf.params(cfg)  # parameter errors before anything starts
+    if wf.params(cfg).get("reference_run"):  # parameter errors before anything starts
+        raise ConfigError(f"{cfg.where('workflow.reference_run')}: the single-site reference run is not available: "
+                          "federated-svd with one client never finishes (its first broadcast waits forever); "
+                          "remove the line")
     dataset = data.load_dataset(cfg)
     names = [s.name for s in cfg.sites]
     split = data.split(dataset, cfg, names)
@@ -222,7 +225,7 @@ class Run:
                 with self.phase("hub"):
                     stack.enter_context(self._hub())
             with self.phase("distribute"):
-                self._distribute()
+                self._distribute(self.run.path / "sites")
             with self.phase("cluster"):
                 cluster = stack.enter_context(Cluster(
                     self.run, self.handles.values(), self.provider, log_dir=self.run.path / "dask",
@@ -269,15 +272,18 @@ class Run:
         self.log.info("localfc hub on %s, port %d (pid %d)", ", ".join(hosts), port, proc.pid)
         return stack
 
-    def _distribute(self) -> None:
-        inventory = self.provider.inventory(self.run.path / "inventory.yml")
-        extravars: dict[str, Any] = {"fedsim_input_root": str(self.run.path / "sites")}
+    def _distribute(self, inputs: Path, limit: str | None = None) -> None:
+        """distribute.yml: each site's `inputs/<site>/input/*` into its ~/input, and its own dotfile."""
+        inventory = self.run.path / "inventory.yml"
+        if not inventory.exists():
+            self.provider.inventory(inventory)
+        extravars: dict[str, Any] = {"fedsim_input_root": str(inputs)}
         if self.local_platform:
             extravars["fedsim_fc_hub_port"] = self.hub_port
         elif self.cfg.base_url:
             extravars["fedsim_fc_base_url"] = self.cfg.base_url
         run_playbook("distribute", inventory, extravars, self.run, {"fedsim_credentials": self.credentials},
-                     progress=self.progress)
+                     progress=self.progress, limit=limit)
 
     def _start_controllers(self, stack: ExitStack) -> None:
         """Each site's FeatureCloud controller, started AS the site with its own dotfile loaded (localfc), or
@@ -300,14 +306,21 @@ class Run:
 
     # ---- the FeatureCloud project -------------------------------------------------------------------------------------
     def _federated_run(self, cluster: Cluster) -> dict[str, dict]:
-        """DESIGN §4 step 4; each site's parsed result."""
+        """DESIGN §4 step 4 across every site; each site's parsed result."""
+        folder = self.run.path / "sites"
+        self._project_run(cluster, self.names, f"{self.cfg.project.name}-{self.run.path.name}", folder,
+                          reuse=self.cfg.project.project_id)
+        return {site: self.wf.read_result(folder / site / "output") for site in self.names}
+
+    def _project_run(self, cluster: Cluster, sites: list[str], name: str, folder: Path, reuse: int | None = None) -> None:
+        """Project (new, or `reuse`d with its members), tokens and joins, prepare, uploads, run, downloads into
+        `folder/<site>/{output,logs}`; RunFailed naming the failing site unless the project finished."""
         slug, coord = self.wf.APP_SLUG, self.coordinator
-        participants = [n for n in self.names if n != coord]
+        participants = [n for n in sites if n != coord]
         with self.phase("project"):
-            pid = self.cfg.project.project_id
+            pid = reuse
             if pid is None:
-                pid = cluster.run_on(coord, site_tasks.create_project, f"{self.cfg.project.name}-{self.run.path.name}",
-                                     slug)
+                pid = cluster.run_on(coord, site_tasks.create_project, name, slug)
                 tokens = cluster.run_on(coord, site_tasks.create_tokens, pid, len(participants))
                 if participants:
                     cluster.run_on_all(site_tasks.join, dict(zip(participants, [(t,) for t in tokens], strict=True)))
@@ -317,29 +330,28 @@ class Run:
             self.run.add_metric("project_id", pid)
             self.log.info("project %d: %s, coordinator %s, %d participants", pid, slug, coord, len(participants))
         with self.phase("upload"):
-            uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in self.names})
+            uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in sites})
             self.run.add_metric("uploaded_bytes", {s: u["bytes"] for s, u in uploaded.items()})
         with self.phase("run"):
             # every site watches the project (as each participant does on FeatureCloud): a site whose worker dies
             # is named at once instead of when the run is over; the coordinator's view decides
             timeout = self.cfg.project.timeout
-            statuses = cluster.run_on_all(site_tasks.wait_for_final_status, {n: (pid, timeout) for n in self.names},
+            statuses = cluster.run_on_all(site_tasks.wait_for_final_status, {n: (pid, timeout) for n in sites},
                                           timeout=timeout + 60)
             status = statuses[coord]
             self.log.info("project %d ended %s", pid, status)
             self.run.add_metric("project_status", status)
         with self.phase("download"):
             ok = status == "finished"
-            files = cluster.run_on_all(site_tasks.download_results, {n: (pid, 60.0, ok) for n in self.names})
+            files = cluster.run_on_all(site_tasks.download_results, {n: (pid, 60.0, ok) for n in sites})
             for site, found in files.items():
-                self._store_results(site, found)
+                self._store_results(folder / site, site, found)
         if not ok:
-            raise RunFailed(self._failure(pid, status))
-        return {site: self.wf.read_result(self.run.path / "sites" / site / "output") for site in self.names}
+            raise RunFailed(self._failure(pid, status, folder, sites))
 
-    def _store_results(self, site: str, found: dict[str, bytes]) -> None:
-        """Result zips into sites/<site>/output (kept and extracted), step logs into sites/<site>/logs and fedsim.log."""
-        out, logs = self.run.path / "sites" / site / "output", self.run.path / "sites" / site / "logs"
+    def _store_results(self, folder: Path, site: str, found: dict[str, bytes]) -> None:
+        """Result zips into <folder>/output (kept and extracted), step logs into <folder>/logs and fedsim.log."""
+        out, logs = folder / "output", folder / "logs"
         out.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
         for name, content in sorted(found.items()):
@@ -352,11 +364,11 @@ class Run:
                 (logs / name).write_text(text)
                 self.run.append_site_log(site, name, text)
 
-    def _failure(self, pid: int, status: str) -> str:
+    def _failure(self, pid: int, status: str, folder: Path, sites: list[str]) -> str:
         """Which site's app failed and how, from the step logs the sites downloaded (its own failure first)."""
         reasons = {}
-        for site in self.names:
-            for log in sorted((self.run.path / "sites" / site / "logs").glob("logs_*.txt")):
+        for site in sites:
+            for log in sorted((folder / site / "logs").glob("logs_*.txt")):
                 lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                 closing = [ln for ln in lines if "run ended in error:" in ln]
                 if closing:
@@ -368,7 +380,7 @@ class Run:
         own = {s: r for s, r in reasons.items() if not r.startswith(_STOPPED_BY_OTHERS)}
         shown = own or reasons
         if not shown:
-            return f"project {pid} ended {status!r}; see the sites' logs in {self.run.path / 'sites'}"
+            return f"project {pid} ended {status!r}; see the sites' logs in {folder}"
         detail = "; ".join(f"site {s}: {r}" for s, r in shown.items())
         return f"project {pid} ended {status!r}: {detail}"
 
