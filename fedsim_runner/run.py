@@ -43,6 +43,8 @@ from fedsim_runner.sites import get_provider
 
 PHASES = ["sites", "hub", "distribute", "cluster", "accounts", "controllers", "project", "upload", "run",
           "download", "compare", "report"]
+MIN_SITES = 2
+ONE_SITE_REASON = "with a single client the apps never finish on localfc: seen with mean-app and federated-svd"
 HUB_START_TIMEOUT = 60.0
 STOP_GRACE = 10.0  # seconds a hub or controller gets after SIGTERM (it stops its app instances) before SIGKILL
 CONTROLLER_LOG = "controller.log"
@@ -80,6 +82,9 @@ def resolve_config(workflow: str, args: argparse.Namespace) -> Config:
     changed = parse_config(text, cfg.path)
     changed._text = cfg._text if text == toml.dumps(cfg.model_dump(mode="json", exclude_none=True)) else text
     check_data_files(changed)
+    if len(changed.sites) < MIN_SITES:
+        raise ConfigError(f"{changed.where('sites')}: a run needs at least {MIN_SITES} sites ({ONE_SITE_REASON}); "
+                          "add a [[sites]] entry")
     return changed
 
 
@@ -92,8 +97,8 @@ def _dataset(args: argparse.Namespace) -> str | None:
 
 def _sites(sites: list[dict], n: int, cfg: Config) -> list[dict]:
     """`--sites N`: the file's first N sites, then generated ones (siteK, account siteK@fedsim.local)."""
-    if n < 1:
-        raise ConfigError(f"--sites {n}: a run needs at least one site")
+    if n < MIN_SITES:
+        raise ConfigError(f"--sites {n}: a run needs at least {MIN_SITES} sites ({ONE_SITE_REASON})")
     if cfg.data.split == "files" and n != len(sites):
         raise ConfigError(f"--sites {n}: split = \"files\" takes one site per data file ({len(sites)} in "
                           f"{cfg.path}); add [[sites]] entries there or choose another --split")
@@ -130,9 +135,8 @@ def run_workflow(workflow: str, args: argparse.Namespace) -> int:
     cfg = resolve_config(workflow, args)
     wf = workflows.load(workflow)
     if wf.params(cfg).get("reference_run"):  # parameter errors before anything starts
-        raise ConfigError(f"{cfg.where('workflow.reference_run')}: the single-site reference run is not available: "
-                          "federated-svd with one client never finishes (its first broadcast waits forever); "
-                          "remove the line")
+        raise ConfigError(f"{cfg.where('workflow.reference_run')}: the single-site reference run is not available "
+                          f"({ONE_SITE_REASON}); remove the line")
     dataset = data.load_dataset(cfg)
     names = [s.name for s in cfg.sites]
     split = data.split(dataset, cfg, names)
