@@ -48,6 +48,8 @@ ONE_SITE_REASON = "with a single client the apps never finish on localfc: seen w
 HUB_START_TIMEOUT = 60.0
 STOP_GRACE = 10.0  # seconds a hub or controller gets after SIGTERM (it stops its app instances) before SIGKILL
 CONTROLLER_LOG = "controller.log"
+CONTROLLER_DATA = ".fedsim/controller"  # in the site's home: where the fedsim_featurecloud role, collect.yml and
+# reset.yml look for the controller's state
 console = Console(stderr=True)
 
 
@@ -302,7 +304,7 @@ class Run:
             hub = f"http://{h.gateway}:{self.hub_port}"
             argv = [py, "-m", "fedsim_runner.site_env", "--", py, "-m", "fedsim_runner", "controller", "--site", name,
                     "--hub", hub, "--host", h.address, "--port", str(h.port_base),
-                    "--data-dir", f"{h.home_in_site}/controller", "--timing", self.cfg.project.timing]
+                    "--data-dir", f"{h.home_in_site}/{CONTROLLER_DATA}", "--timing", self.cfg.project.timing]
             with open(Path(h.logs) / CONTROLLER_LOG, "ab") as out:
                 proc = self.provider.popen(name, argv, {"PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT)
             stack.callback(_stop, proc, f"controller of {name}", self.log)
