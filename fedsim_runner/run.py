@@ -10,6 +10,7 @@ keeps the logs whatever happens.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import signal
 import socket
@@ -35,6 +36,7 @@ from fedsim_runner.config import (
     ensure_local_credentials,
     load_config,
     load_credentials,
+    parse_config,
 )
 from fedsim_runner.errors import ConfigError, RunFailed
 from fedsim_runner.progress import RunProgress
@@ -61,7 +63,8 @@ def resolve_config(workflow: str, args: argparse.Namespace) -> Config:
     if cfg.project.workflow != workflow:
         raise ConfigError(f"{cfg.where('project.workflow')}: this file is for workflow {cfg.project.workflow!r}; "
                           f"run `python -m fedsim_runner {cfg.project.workflow} --config {path}`")
-    doc = cfg.model_dump(mode="json", exclude_none=True)
+    original = cfg.model_dump(mode="json", exclude_none=True)
+    doc = copy.deepcopy(original)
     overrides = {
         ("project", "platform"): getattr(args, "platform", None),
         ("project", "timing"): getattr(args, "timing", None),
@@ -77,12 +80,9 @@ def resolve_config(workflow: str, args: argparse.Namespace) -> Config:
             doc[section][key] = value
     if getattr(args, "sites", None) is not None:
         doc["sites"] = _sites(doc["sites"], args.sites, cfg)
-    # the relative paths of the file stay relative to its folder: validate the changed document as if it were there
-    text = toml.dumps(doc)
-    from fedsim_runner.config import parse_config
-
-    changed = parse_config(text, cfg.path)
-    changed._text = cfg._text if text == toml.dumps(cfg.model_dump(mode="json", exclude_none=True)) else text
+    # validate the changed document as if it were the file (its relative paths stay relative to the file's folder);
+    # unchanged, the file itself stays, so that messages point at its lines
+    changed = cfg if doc == original else parse_config(toml.dumps(doc), cfg.path)
     check_data_files(changed)
     if len(changed.sites) < MIN_SITES:
         raise ConfigError(f"{changed.where('sites')}: a run needs at least {MIN_SITES} sites ({ONE_SITE_REASON}); "
