@@ -296,8 +296,11 @@ class Run:
         `featurecloud controller start` on the sites through services.yml (featurecloud.ai)."""
         if not self.local_platform:
             inventory = self.run.path / "inventory.yml"
-            run_playbook("services", inventory, {"fedsim_services_state": "started"}, self.run, progress=self.progress)
-            stack.callback(run_playbook, "services", inventory, {"fedsim_services_state": "stopped"}, self.run)
+            # the controllers only: the run's own Cluster is the Dask of this run
+            started = {"fedsim_services_state": "started", "fedsim_services_dask": False}
+            run_playbook("services", inventory, started, self.run, progress=self.progress)
+            stack.callback(run_playbook, "services", inventory, {**started, "fedsim_services_state": "stopped"},
+                           self.run)
             return
         py = sys.executable
         for name, h in self.handles.items():

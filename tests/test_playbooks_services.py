@@ -292,3 +292,20 @@ def test_an_unknown_state_is_refused_before_anything_starts(env):
     assert _scheduler_pid(env.extravars["fedsim_dask_state_dir"]) is None
     for site in SITES:
         assert not env.pids(site, "fedsim_runner")
+
+
+def test_controllers_only_leave_dask_to_the_run(env):
+    """What a FedSim run on featurecloud.ai asks for: the controllers, without the playbook's own Dask."""
+    started = env.run("services.yml", fedsim_services_state="started", fedsim_services_dask=False)
+    try:
+        assert "localhost" not in {h for h, n in started["changed"].items() if n}, started["changed"]
+        assert _scheduler_pid(env.extravars["fedsim_dask_state_dir"]) is None
+        for site, h in env.handles.items():
+            assert env.pids(site, "fedsim_runner controller", user=site)
+            assert not env.pids(site, "fedsim_runner.site_worker"), f"{site}: a Dask worker was started"
+            assert wait_until(lambda h=h: _controller_answers(h), 30)
+    finally:
+        stopped = env.run("services.yml", fedsim_services_state="stopped", fedsim_services_dask=False)
+    assert all(stopped["changed"].get(s, 0) > 0 for s in SITES), stopped["changed"]
+    for site, h in env.handles.items():
+        assert not env.pids(site, "fedsim_runner controller") and not _controller_answers(h)
