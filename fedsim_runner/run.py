@@ -79,7 +79,7 @@ def resolve_config(workflow: str, args: argparse.Namespace) -> Config:
                 raise ConfigError(f"--{key}: only local sites have an isolation; provider is {doc['provider']['kind']}")
             doc[section][key] = value
     if getattr(args, "sites", None) is not None:
-        doc["sites"] = _sites(doc["sites"], args.sites, cfg)
+        doc["sites"] = _sites(doc["sites"], args.sites, doc["data"]["split"], cfg)
     # validate the changed document as if it were the file (its relative paths stay relative to the file's folder);
     # unchanged, the file itself stays, so that messages point at its lines
     changed = cfg if doc == original else parse_config(toml.dumps(doc), cfg.path)
@@ -97,11 +97,11 @@ def _dataset(args: argparse.Namespace) -> str | None:
     return source
 
 
-def _sites(sites: list[dict], n: int, cfg: Config) -> list[dict]:
+def _sites(sites: list[dict], n: int, split: str, cfg: Config) -> list[dict]:
     """`--sites N`: the file's first N sites, then generated ones (siteK, account siteK@fedsim.local)."""
     if n < MIN_SITES:
         raise ConfigError(f"--sites {n}: a run needs at least {MIN_SITES} sites ({ONE_SITE_REASON})")
-    if cfg.data.split == "files" and n != len(sites):
+    if split == "files" and n != len(sites):
         raise ConfigError(f"--sites {n}: split = \"files\" takes one site per data file ({len(sites)} in "
                           f"{cfg.path}); add [[sites]] entries there or choose another --split")
     kept = [dict(s) for s in sites[:n]]

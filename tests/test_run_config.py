@@ -124,3 +124,12 @@ def test_cli_refuses_a_single_site_and_the_reference_run_before_anything_starts(
     r = run_cli("svd", "--config", str(project))
     assert r.returncode == 2 and "reference_run" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_files_project_takes_any_number_of_sites_once_the_split_is_overridden(tmp_path):
+    from fedsim_runner.config import DEFAULT_CONFIGS
+
+    cfg = resolve_config("mean", _args(config=DEFAULT_CONFIGS["mean"], split="iid", dataset="sklearn:iris", sites=2))
+    assert [s.name for s in cfg.sites] == ["site1", "site2"] and cfg.data.split == "iid"
+    with pytest.raises(ConfigError, match=r'--sites 2: split = "files" takes one site per data file'):
+        resolve_config("mean", _args(config=DEFAULT_CONFIGS["mean"], sites=2))
