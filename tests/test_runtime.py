@@ -101,6 +101,14 @@ def test_mean_app_gives_the_mean_of_local_means_at_every_site(tmp_path):
         assert round(float((out / "result.txt").read_text()), 4) == 5.3333
 
 
+def test_mean_app_with_a_single_client_finishes(tmp_path):
+    """One site alone (a reference run): the coordinator must receive its own broadcast (explicit memo, see the app)."""
+    config = "fc_mean:\n  input_name: data.csv\n  output_name: result.txt\n"
+    inputs = inputs_for(tmp_path, [{"config.yml": config, "data.csv": "1,2,3,6\n"}])
+    outputs, outcome, _ = run_instances(REPO / "apps" / "mean", inputs, tmp_path)
+    assert outcome == ["finished"] and float((outputs[0] / "result.txt").read_text()) == 3.0
+
+
 def test_failing_app_is_detected_with_its_traceback_in_the_instance_log(tmp_path):
     inputs = inputs_for(tmp_path, [{}, {}, {}])
     _, outcome, logs = run_instances(REPO / "tests" / "apps" / "failing_app", inputs, tmp_path)

@@ -68,8 +68,10 @@ class Scale(AppState):
             total, squares = sum(p[1] for p in parts), sum(p[2] for p in parts)
             mean = total / n
             std = np.sqrt(np.maximum(squares - n * mean ** 2, 0) / (n - 1))
-            self.broadcast_data([n, mean, std])
-        n, mean, std = self.await_data()
+            # explicit memos on every broadcast: without one, the engine's await_data() on a coordinator that is the
+            # only client takes the wait for a gather round and never sees the broadcast (featurecloud 0.1.0)
+            self.broadcast_data([n, mean, std], memo="scale")
+        n, mean, std = self.await_data(memo="scale")
         config = self.load("config")
         scaling = config.get("scaling", {})
         X = self.load("X")
@@ -126,8 +128,8 @@ class Covariance(AppState):
             C = sum(self.gather_data()) / (self.load("n") - 1)
             values, vectors = np.linalg.eigh(C)
             order = np.argsort(values)[::-1]
-            self.broadcast_data([vectors[:, order], values[order], float(np.trace(C)), 1])
-        V, values, total, iterations = self.await_data()
+            self.broadcast_data([vectors[:, order], values[order], float(np.trace(C)), 1], memo="eigen")
+        V, values, total, iterations = self.await_data(memo="eigen")
         self.store("total_variance", total)
         _finish(self, V, values, iterations)
         return "terminal"
@@ -143,13 +145,15 @@ class Iterate(AppState):
 
     def run(self):
         X = self.load("X")
+        r = self._app.internal.get("round", 0)  # broadcasts carry their round: memo "round<r>"
         if self.is_coordinator and "V" not in self._app.internal:  # first round: a random orthonormal start
             rng = np.random.default_rng(0)
             V = np.linalg.qr(rng.standard_normal((X.shape[1], self.load("k") + OVERSAMPLING)))[0]
             self.store("V", V)
             self.store("iterations", 0)
-            self.broadcast_data(["V", V])
-        kind, payload = self.await_data()
+            self.broadcast_data(["V", V], memo=f"round{r}")
+        kind, payload = self.await_data(memo=f"round{r}")
+        self.store("round", r + 1)
         if kind == "done":
             V, values, total, iterations = payload
             self.store("total_variance", total)
@@ -169,8 +173,9 @@ class Iterate(AppState):
                 # Rayleigh–Ritz: the best rotation within the converged subspace
                 values, rotation = np.linalg.eigh(payload.T @ W / (self.load("n") - 1))
                 order = np.argsort(values)[::-1]
-                self.broadcast_data(["done", [payload @ rotation[:, order], values[order], total, iterations]])
+                self.broadcast_data(["done", [payload @ rotation[:, order], values[order], total, iterations]],
+                                    memo=f"round{r + 1}")
             else:
                 self.store("V", V_new)
-                self.broadcast_data(["V", V_new])
+                self.broadcast_data(["V", V_new], memo=f"round{r + 1}")
         return "iterate"

@@ -39,7 +39,9 @@ class Aggregate(AppState):
 
     def run(self):
         means = self.gather_data()
-        self.broadcast_data(sum(means) / len(means))
+        # an explicit memo: without one, the engine's await_data() on a coordinator that is the only client takes the
+        # wait for a gather round and never sees the broadcast (featurecloud 0.1.0)
+        self.broadcast_data(sum(means) / len(means), memo="mean")
         return "write"
 
 
@@ -49,7 +51,7 @@ class Write(AppState):
         self.register_transition("terminal")
 
     def run(self):
-        mean = self.await_data()
+        mean = self.await_data(memo="mean")
         with open(os.path.join(OUTPUT_DIR, self.load("output_name")), "w") as f:
             f.write(f"{mean}\n")
         self.log(f"mean of the local means: {mean}")
