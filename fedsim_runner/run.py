@@ -45,8 +45,6 @@ from fedsim_runner.sites import get_provider
 
 PHASES = ["sites", "hub", "distribute", "cluster", "accounts", "controllers", "project", "upload", "run",
           "download", "compare", "report"]
-MIN_SITES = 2
-ONE_SITE_REASON = "with a single client the apps never finish on localfc: seen with mean-app and federated-svd"
 HUB_START_TIMEOUT = 60.0
 STOP_GRACE = 10.0  # seconds a hub or controller gets after SIGTERM (it stops its app instances) before SIGKILL
 CONTROLLER_LOG = "controller.log"
@@ -84,9 +82,6 @@ def resolve_config(workflow: str, args: argparse.Namespace) -> Config:
     # unchanged, the file itself stays, so that messages point at its lines
     changed = cfg if doc == original else parse_config(toml.dumps(doc), cfg.path)
     check_data_files(changed)
-    if len(changed.sites) < MIN_SITES:
-        raise ConfigError(f"{changed.where('sites')}: a run needs at least {MIN_SITES} sites ({ONE_SITE_REASON}); "
-                          "add a [[sites]] entry")
     return changed
 
 
@@ -99,8 +94,8 @@ def _dataset(args: argparse.Namespace) -> str | None:
 
 def _sites(sites: list[dict], n: int, split: str, cfg: Config) -> list[dict]:
     """`--sites N`: the file's first N sites, then generated ones (siteK, account siteK@fedsim.local)."""
-    if n < MIN_SITES:
-        raise ConfigError(f"--sites {n}: a run needs at least {MIN_SITES} sites ({ONE_SITE_REASON})")
+    if n < 1:
+        raise ConfigError(f"--sites {n}: a run needs at least one site")
     if split == "files" and n != len(sites):
         raise ConfigError(f"--sites {n}: split = \"files\" takes one site per data file ({len(sites)} in "
                           f"{cfg.path}); add [[sites]] entries there or choose another --split")
@@ -136,9 +131,7 @@ def run_workflow(workflow: str, args: argparse.Namespace) -> int:
     """`python -m fedsim_runner <workflow>`: 0 when the federated result reproduces the centralized one, else 1."""
     cfg = resolve_config(workflow, args)
     wf = workflows.load(workflow)
-    if wf.params(cfg).get("reference_run"):  # parameter errors before anything starts
-        raise ConfigError(f"{cfg.where('workflow.reference_run')}: the single-site reference run is not available "
-                          f"({ONE_SITE_REASON}); remove the line")
+    wf.params(cfg)  # parameter errors before anything starts
     dataset = data.load_dataset(cfg)
     names = [s.name for s in cfg.sites]
     split = data.split(dataset, cfg, names)
@@ -209,6 +202,7 @@ class Run:
         self.keep_sites = keep_sites
         self.log = run.log
         self.wf = workflows.load(workflow)
+        self.params = self.wf.params(cfg)
         self.coordinator = cfg.coordinator.name
         self.names = [s.name for s in cfg.sites]
         self.local_platform = cfg.project.platform == "local"
@@ -242,8 +236,10 @@ class Run:
             with self.phase("controllers"):
                 self._start_controllers(stack)
             federated = self._federated_run(cluster)
+            reference = self._reference_run(cluster, dataset) if self.params.get("reference_run") else None
         with self.phase("compare"):
-            comparison = compare.evaluate(self.workflow, self.cfg, dataset, split, federated, self.run.path)
+            comparison = compare.evaluate(self.workflow, self.cfg, dataset, split, federated, self.run.path,
+                                          reference=reference)
         self.progress.phase("report")
         return comparison
 
@@ -321,12 +317,28 @@ class Run:
                           reuse=self.cfg.project.project_id)
         return {site: self.wf.read_result(folder / site / "output") for site in self.names}
 
-    def _project_run(self, cluster: Cluster, sites: list[str], name: str, folder: Path, reuse: int | None = None) -> None:
+    def _reference_run(self, cluster: Cluster, dataset) -> dict:
+        """fedflow's reference (svd `reference_run`): the same app with the coordinator alone holding every sample,
+        after the federated run; its input reaches the coordinator only (distribute.yml limited to it)."""
+        coord, folder = self.coordinator, self.run.path / "reference"
+        files = self.wf.prepare(self.cfg, dataset, self.wf.single_site_split(dataset, coord))[coord]
+        for name, content in files.items():
+            target = folder / coord / "input" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        with self.phase("reference distribute"):
+            self._distribute(folder, limit=coord)
+        self._project_run(cluster, [coord], f"{self.cfg.project.name}-{self.run.path.name}-reference", folder,
+                          phase_prefix="reference ")
+        return self.wf.read_result(folder / coord / "output")
+
+    def _project_run(self, cluster: Cluster, sites: list[str], name: str, folder: Path, reuse: int | None = None,
+                     phase_prefix: str = "") -> None:
         """Project (new, or `reuse`d with its members), tokens and joins, prepare, uploads, run, downloads into
         `folder/<site>/{output,logs}`; RunFailed naming the failing site unless the project finished."""
         slug, coord = self.wf.APP_SLUG, self.coordinator
         participants = [n for n in sites if n != coord]
-        with self.phase("project"):
+        with self.phase(phase_prefix + "project"):
             pid = reuse
             if pid is None:
                 pid = cluster.run_on(coord, site_tasks.create_project, name, slug)
@@ -336,12 +348,12 @@ class Run:
             else:  # a persistent project: its members joined once, before
                 cluster.run_on(coord, site_tasks.set_status, pid, "ready")
             cluster.run_on(coord, site_tasks.set_status, pid, "prepare")
-            self.run.add_metric("project_id", pid)
+            self.run.add_metric(_key(phase_prefix, "project_id"), pid)
             self.log.info("project %d: %s, coordinator %s, %d participants", pid, slug, coord, len(participants))
-        with self.phase("upload"):
+        with self.phase(phase_prefix + "upload"):
             uploaded = cluster.run_on_all(site_tasks.upload_and_finalise, {n: (pid, "input") for n in sites})
-            self.run.add_metric("uploaded_bytes", {s: u["bytes"] for s, u in uploaded.items()})
-        with self.phase("run"):
+            self.run.add_metric(_key(phase_prefix, "uploaded_bytes"), {s: u["bytes"] for s, u in uploaded.items()})
+        with self.phase(phase_prefix + "run"):
             # every site watches the project (as each participant does on FeatureCloud): a site whose worker dies
             # is named at once instead of when the run is over; the coordinator's view decides
             timeout = self.cfg.project.timeout
@@ -349,8 +361,8 @@ class Run:
                                           timeout=timeout + 60)
             status = statuses[coord]
             self.log.info("project %d ended %s", pid, status)
-            self.run.add_metric("project_status", status)
-        with self.phase("download"):
+            self.run.add_metric(_key(phase_prefix, "project_status"), status)
+        with self.phase(phase_prefix + "download"):
             ok = status == "finished"
             files = cluster.run_on_all(site_tasks.download_results, {n: (pid, 60.0, ok) for n in sites})
             for site, found in files.items():
@@ -414,6 +426,11 @@ class Run:
 
 
 _STOPPED_BY_OTHERS = ("project ", "stopped", "the hub")
+
+
+def _key(prefix: str, name: str) -> str:
+    """metrics.json key of a project's number: `project_id`, or `reference_project_id` for the reference run."""
+    return (prefix.strip() + "_" if prefix.strip() else "") + name
 
 
 def _free_port() -> int:

@@ -38,7 +38,7 @@ def _project(tmp_path: Path, name: str, subnet: str, workflow: str = "svd", extr
             data.write_text(MEAN_EXAMPLE[f"site{i}"] + "\n")
             sites += f'data = ["{data}"]\n'
     data = '[data]\nsource = "sklearn:wine"\nsplit = "iid"\n' if workflow == "svd" else '[data]\nsplit = "files"\n'
-    params = "[workflow]\nk = 4\n" if workflow == "svd" else ""
+    params = "[workflow]\nk = 4\nreference_run = true\n" if workflow == "svd" else ""
     path = tmp_path / "project.toml"
     path.write_text(f"""
 [project]
@@ -174,6 +174,10 @@ def test_svd_run_end_to_end_reproduces_the_centralized_svd_and_keeps_secrets_out
         assert list((run / "sites" / site / "logs").glob("logs_pr*_run1_step1.txt"))
     comparison = json.loads((run / "comparison.json").read_text())
     assert comparison["passed"] is True and comparison["max_angle"] < 1e-6
+    # fedflow's reference: the same app with the coordinator alone holding every sample, after the federated run
+    assert max(comparison["reference"]["angles_reference_vs_centralized"]) < 1e-6
+    assert list((run / "reference" / "site1" / "output").glob("results_pr*_run1_step1.zip"))
+    assert not (run / "reference" / "site2").exists()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "ok"
     assert {p["name"] for p in metrics["phases"]} >= {"sites", "hub", "distribute", "cluster", "upload", "run",

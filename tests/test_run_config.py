@@ -96,7 +96,7 @@ def test_fewer_sites_keep_a_coordinator(project):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (dict(sites=1), "--sites 1: a run needs at least 2 sites"),
+    (dict(sites=0), "--sites 0: a run needs at least one site"),
     (dict(dataset="no-such.csv"), "no-such.csv"),
 ])
 def test_refusals_name_the_option(project, args, message):
@@ -117,10 +117,10 @@ def test_resolved_config_is_absolute_and_valid_toml(project, tmp_path):
     assert len(doc["sites"]) == 4
 
 
-def test_cli_refuses_a_single_site_and_the_reference_run_before_anything_starts(project, tmp_path):
-    r = run_cli("svd", "--config", str(project), "--sites", "1")
-    assert r.returncode == 2 and "at least 2 sites" in r.stderr and "Traceback" not in r.stderr
-    project.write_text(PROJECT.replace("k = 3", "k = 3\nreference_run = true"))
+def test_cli_refuses_a_bad_parameter_and_no_sites_before_anything_starts(project, tmp_path):
+    r = run_cli("svd", "--config", str(project), "--sites", "0")
+    assert r.returncode == 2 and "at least one site" in r.stderr and "Traceback" not in r.stderr
+    project.write_text(PROJECT.replace("k = 3", "k = 3\nreference_run = 1"))
     r = run_cli("svd", "--config", str(project))
     assert r.returncode == 2 and "reference_run" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
