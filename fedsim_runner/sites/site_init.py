@@ -17,7 +17,8 @@ import time
 
 OVERLAID = ("etc", "home", "root", "opt", "var", "usr")
 SSHD_CONFIG = "/etc/ssh/sshd_config_fedsim"
-MS_NOSUID, MS_NODEV, MS_BIND = 2, 4, 4096
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # FedSim's checkout
 MNT_DETACH = 2
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -49,7 +50,11 @@ def build_filesystem(state_dir: str, state_root: str) -> None:
               f"lowerdir=/{d},upperdir={state_dir}/upper/{d},workdir={state_dir}/work/{d}")
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     os.mkdir("/run/sshd", 0o755)
-    mount(f"{state_dir}/tmp", "/tmp", None, MS_BIND)
+    if REPO.startswith("/tmp/"):  # a checkout under /tmp (a CI clone): sites run its venvs, so it stays visible
+        inside = f"{state_dir}/tmp{REPO[len('/tmp'):]}"
+        os.makedirs(inside, exist_ok=True)
+        mount(REPO, inside, None, MS_BIND | MS_REC)
+    mount(f"{state_dir}/tmp", "/tmp", None, MS_BIND | MS_REC)
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     # last: hides every site's state (upper dirs, keys, logs) from this site; the overlays keep their references
     mount("tmpfs", state_root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
