@@ -237,13 +237,18 @@ def test_failing_app_ends_in_error_everywhere_with_traceback(localfc):
     for site in localfc.sites:
         _contribute(site, pid, {"config.yml": b"failing_app: {}\n"})
     assert _final_status(localfc, pid) == "error"
+    raised = []
     for site in localfc.sites:
         run = _latest_run(site, pid, with_result=False)
         log = site.controller("GET", "/logs-download/",
                               params={"projectId": pid, "step": 1, "run": run["runNr"]}).text
         assert "run ended in error" in log, f"{site.name}: the run did not end in error:\n{log[-2000:]}"
-        if site is not localfc.coordinator:  # the participants raised; the coordinator was stopped
-            assert "Traceback" in log and "DeliberateFailure" in log
+        if "Traceback" in log:
+            assert "DeliberateFailure" in log and site is not localfc.coordinator
+            raised.append(site.name)
+    # the failing app's traceback is in its site's log; a participant whose app the first error stopped before it
+    # raised (a loaded machine) and the coordinator only say why they were stopped
+    assert raised
 
 
 def test_site_that_never_finalises_leaves_prepare_and_shutdown_stops(localfc):
