@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,6 +159,16 @@ def proc_start_time(pid: int) -> int | None:
 def alive(pid: int | None, start_time: int | None) -> bool:
     """True while the process recorded as (pid, start time) still runs (a reused PID does not count)."""
     return pid is not None and start_time is not None and proc_start_time(pid) == start_time
+
+
+def remove_site_dir(sdir: Path, keep_logs: bool) -> None:
+    """A removed site's state folder: gone, or (keep_logs) everything but its logs/."""
+    if not keep_logs:
+        shutil.rmtree(sdir, ignore_errors=True)
+        return
+    for child in sdir.iterdir() if sdir.exists() else []:
+        if child.name != "logs":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def log_label(argv: Sequence[str]) -> str:

@@ -34,7 +34,15 @@ from pathlib import Path
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.config import Config
 from fedsim_runner.errors import ConfigError, RunFailed
-from fedsim_runner.sites.base import Provider, SiteHandle, alive, log_label, proc_start_time, state_root
+from fedsim_runner.sites.base import (
+    Provider,
+    SiteHandle,
+    alive,
+    log_label,
+    proc_start_time,
+    remove_site_dir,
+    state_root,
+)
 
 SITE_INIT = Path(__file__).with_name("site_init.py")
 OVERLAID = ("etc", "home", "root", "opt", "var", "usr")
@@ -371,13 +379,7 @@ class NamespaceProvider(Provider):
         self._kill(pids, h.extra)
         _ip("link", "del", link, check=False)
         _ip("netns", "del", netns, check=False)
-        sdir = Path(h.extra["dir"])
-        if keep_logs:
-            for child in sdir.iterdir() if sdir.exists() else []:
-                if child.name != "logs":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        else:
-            shutil.rmtree(sdir, ignore_errors=True)
+        remove_site_dir(Path(h.extra["dir"]), keep_logs)
 
     def _kill(self, pids: list[int], extra: dict) -> None:
         recorded = {extra.get("init_pid"): extra.get("init_start"), extra.get("unshare_pid"): extra.get("unshare_start")}

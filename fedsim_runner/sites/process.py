@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,15 @@ from pathlib import Path
 
 from fedsim_runner.backoff import wait_until
 from fedsim_runner.errors import RunFailed
-from fedsim_runner.sites.base import PORTS_PER_SITE, Provider, SiteHandle, alive, log_label, proc_start_time
+from fedsim_runner.sites.base import (
+    PORTS_PER_SITE,
+    Provider,
+    SiteHandle,
+    alive,
+    log_label,
+    proc_start_time,
+    remove_site_dir,
+)
 
 PORT_RANGE = (20000, 30000)  # process sites take PORTS_PER_SITE-port blocks from here, free when the site comes up
 STOP_GRACE = 5.0
@@ -106,12 +113,7 @@ class ProcessProvider(Provider):
         except FileNotFoundError:
             pass
         _stop_groups(groups)
-        if keep_logs:
-            for child in sdir.iterdir() if sdir.exists() else []:
-                if child.name != "logs":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        else:
-            shutil.rmtree(sdir, ignore_errors=True)
+        remove_site_dir(sdir, keep_logs)
 
 
 def _stop_groups(groups: list[int]) -> None:
